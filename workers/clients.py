@@ -1,0 +1,142 @@
+"""The one place where Kafka, schema registry and Redis clients are built.
+
+Explicit keys set by a role win over extra librdkafka settings from the
+environment; librdkafka rejects unknown keys by name and we turn that into a
+ConfigError.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, TypeVar
+
+import redis
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from .errors import ConfigError, ServiceUnavailable
+from .settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# librdkafka settings a role may not have overridden from the environment,
+# because the exactly-once design depends on them.
+_PINNED = {
+    "enable.auto.commit", "enable.auto.offset.store", "isolation.level",
+    "enable.idempotence", "transactional.id", "group.id",
+}
+
+
+def _base_conf(settings: Settings) -> dict:
+    extra = dict(settings.kafka_extra)
+    pinned = _PINNED & extra.keys()
+    if pinned:
+        raise ConfigError(f"these Kafka settings are managed by orders and cannot be set: {sorted(pinned)}")
+    return {**extra, "bootstrap.servers": settings.bootstrap_servers}
+
+
+def _build(factory: Callable[[dict], T], conf: dict, what: str) -> T:
+    try:
+        return factory(conf)
+    except KafkaException as exc:
+        raise ConfigError(f"cannot build the Kafka {what}: {exc.args[0].str()}") from exc
+
+
+def producer_conf(settings: Settings, *, transactional_id: str | None = None, **explicit) -> dict:
+    conf = _base_conf(settings)
+    conf.update({
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "batch.num.messages": 10000,
+        "queue.buffering.max.messages": 500000,
+    })
+    if transactional_id:
+        conf["transactional.id"] = transactional_id
+        conf["transaction.timeout.ms"] = 60000
+    conf.update(explicit)
+    return conf
+
+
+def make_producer(settings: Settings, *, transactional_id: str | None = None, **explicit) -> Producer:
+    """An idempotent producer; transactional when ``transactional_id`` is given."""
+    return _build(Producer, producer_conf(settings, transactional_id=transactional_id, **explicit), "producer")
+
+
+def consumer_conf(settings: Settings, group_id: str, **explicit) -> dict:
+    conf = _base_conf(settings)
+    conf.update({
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        # Only committed retry/DLQ transactions are real; aborted ones are replays.
+        "isolation.level": "read_committed",
+        "enable.partition.eof": False,
+        "fetch.wait.max.ms": 50,
+        "queued.min.messages": 20000,
+    })
+    conf.update(explicit)
+    return conf
+
+
+def make_consumer(settings: Settings, group_id: str, **explicit) -> Consumer:
+    """A consumer for explicit assignment; offsets are committed by the caller only."""
+    return _build(Consumer, consumer_conf(settings, group_id, **explicit), "consumer")
+
+
+def make_admin(settings: Settings) -> AdminClient:
+    return _build(AdminClient, _base_conf(settings), "admin client")
+
+
+def make_registry(settings: Settings) -> SchemaRegistryClient:
+    conf = {"url": settings.schema_registry_url, "timeout": 10}
+    if settings.schema_registry_user_info:
+        conf["basic.auth.user.info"] = settings.schema_registry_user_info
+    return SchemaRegistryClient(conf)
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    """A Redis client; connections are made lazily on the first command."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=3,
+        socket_timeout=10,
+        health_check_interval=15,
+        decode_responses=False,
+    )
+
+
+def wait_for(check: Callable[[], T], what: str, *, deadline_s: float | None = None,
+             first_delay_s: float = 0.5, max_delay_s: float = 5.0,
+             should_stop: Callable[[], bool] = lambda: False) -> T:
+    """Call ``check`` until it stops raising ServiceUnavailable, backing off.
+
+    Raises the last ServiceUnavailable when ``deadline_s`` passes (never, if None)
+    or ``should_stop()`` becomes true.
+    """
+    delay = first_delay_s
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return check()
+        except ServiceUnavailable as exc:
+            waited = time.monotonic() - start
+            if should_stop() or (deadline_s is not None and waited >= deadline_s):
+                raise
+            log.warning("waiting for %s attempt=%d retry_in_s=%.1f reason=%s", what, attempt, delay, exc)
+            end = time.monotonic() + delay
+            while time.monotonic() < end and not should_stop():
+                time.sleep(min(0.2, delay))
+            delay = min(max_delay_s, delay * 2)
+
+
+def describe_servers(settings: Settings) -> str:
+    return (f"kafka={settings.bootstrap_servers} registry={redact_url(settings.schema_registry_url)} "
+            f"redis={redact_url(settings.redis_url)}")

@@ -1,0 +1,391 @@
+"""The batch loop shared by the partition worker and the retry worker.
+
+Exactly-once, without a distributed transaction between Kafka and Redis:
+
+* Redis holds, per source partition, the offset up to which orders are
+  *counted* (R). The Lua script only counts messages at or past R, so applying
+  a batch twice counts it once.
+* Kafka holds, per source partition, the committed offset of the worker's group
+  (K), written in the same Kafka transaction as the batch's retry and DLQ
+  messages. Messages below K have had their retry/DLQ messages published.
+* A batch is applied to Redis first, then its transaction is committed. A crash
+  between the two leaves R > K: the restarted worker starts at min(R, K),
+  re-decides those messages (decisions are deterministic), publishes their
+  side effects again (the first transaction never committed) and Redis skips
+  the counting. A crash before Redis leaves R = K: plain replay.
+* If Redis loses a source's state (flushed, restored from an old file), the
+  worker notices (state missing where it expected some) and rebuilds it by
+  re-reading the source from the start: Redis counts, side effects below K are
+  not repeated.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from .clients import wait_for
+from .envelope import Provenance, dead_letter_headers, retry_headers
+from .errors import OrderError, OrdersError, PermanentError, ServiceUnavailable, TransientError
+from .processing import Downstream, backoff_ms, price_cents, validate
+from .serde import OrderSerde
+from .settings import Settings
+from .store import AggregateStore, Source, SourceBatch
+
+log = logging.getLogger(__name__)
+
+TOUCH_INTERVAL_S = 2.0      # heartbeat + "is my Redis state still there?" check
+COMMIT_INTERVAL_S = 5.0     # commit progress of batches that had no side effects
+KAFKA_TIMEOUT_S = 30.0
+
+
+class FatalWorkerError(OrdersError):
+    """The worker cannot go on (fenced, fatal Kafka error); supervisor restarts it."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class OutMessage:
+    """A retry or dead-letter message to publish in the batch's transaction."""
+
+    source: Source
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list
+
+
+@dataclass
+class BatchPlan:
+    """What handling a batch decided: counts per source and messages to publish."""
+
+    batches: dict[Source, SourceBatch] = field(default_factory=dict)
+    out: list[OutMessage] = field(default_factory=list)
+    counted: int = 0
+    latest_timestamp_ms: int = 0
+
+    def batch_for(self, source: Source, expect_state: bool) -> SourceBatch:
+        batch = self.batches.get(source)
+        if batch is None:
+            batch = self.batches[source] = SourceBatch(source, to_offset=-1, expect_state=expect_state)
+        return batch
+
+
+class Decider:
+    """Decides the fate of one attempt at one order: counted, retried or dead-lettered."""
+
+    def __init__(self, settings: Settings, serde: OrderSerde, downstream: Downstream):
+        self._settings = settings
+        self._serde = serde
+        self._downstream = downstream
+
+    def attempt(self, msg: Message, attempt: int, provenance: Provenance | None) -> tuple[int | None, OutMessage | None, dict | None]:
+        """Returns (cents, None, order) when counted, or (None, message to publish, order or None)."""
+        order = None
+        try:
+            order = self._serde.decode(msg.value())
+            validate(order, max_price=self._settings.max_price)
+            self._downstream.handle(order, attempt)
+            return price_cents(order), None, order
+        except PermanentError as exc:
+            return None, self._dead_letter(msg, exc, attempt, provenance), order
+        except TransientError as exc:
+            if attempt >= self._settings.max_attempts:
+                return None, self._dead_letter(msg, exc, attempt, provenance), order
+            return None, self._retry(msg, exc, attempt + 1, provenance), order
+
+    def _origin(self, msg: Message, provenance: Provenance | None) -> Provenance:
+        if provenance is not None:
+            return provenance
+        return Provenance(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], now_ms())
+
+    def _retry(self, msg: Message, exc: OrderError, next_attempt: int, provenance: Provenance | None) -> OutMessage:
+        delay = backoff_ms(next_attempt - 1, self._settings.retry_backoff_ms, self._settings.retry_backoff_multiplier)
+        origin = self._origin(msg, provenance)
+        headers = retry_headers(origin, attempt=next_attempt, due_at_ms=now_ms() + delay,
+                                error_type=exc.error_type, error_message=str(exc))
+        log.info("retry scheduled topic=%s partition=%d offset=%d key=%s attempt=%d delay_ms=%d error=%s",
+                 msg.topic(), msg.partition(), msg.offset(), message_key(msg), next_attempt, delay, exc.error_type)
+        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.retry_topic, msg.key(), msg.value(), headers)
+
+    def _dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None) -> OutMessage:
+        origin = self._origin(msg, provenance)
+        headers = dead_letter_headers(origin, attempts=attempts, error_type=exc.error_type,
+                                      error_message=str(exc), dead_lettered_at_ms=now_ms())
+        log.info("dead letter topic=%s partition=%d offset=%d key=%s attempts=%d error_type=%s error=%r",
+                 msg.topic(), msg.partition(), msg.offset(), message_key(msg), attempts, exc.error_type, str(exc))
+        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, msg.key(), msg.value(), headers)
+
+    def dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None = None) -> OutMessage:
+        return self._dead_letter(msg, exc, attempts, provenance)
+
+
+def message_key(msg: Message) -> str:
+    key = msg.key()
+    return key.decode("utf-8", "replace") if key is not None else "-"
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between short polls."""
+
+    def __init__(self):
+        self.stopping = False
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.stopping = True
+
+    def __call__(self) -> bool:
+        return self.stopping
+
+
+class BatchWorker:
+    """Consumes its sources in batches and applies the exactly-once protocol above.
+
+    Subclasses say which sources they own (``sources``) and turn consumed
+    messages into a ``BatchPlan`` (``plan``); ``poll`` may be overridden.
+    """
+
+    name = "worker"
+
+    def __init__(self, settings: Settings, *, consumer: Consumer, producer: Producer,
+                 store: AggregateStore, serde: OrderSerde, stop: Callable[[], bool]):
+        self.settings = settings
+        self.consumer = consumer
+        self.producer = producer
+        self.store = store
+        self.serde = serde
+        self.stop = stop
+        self.decider = Decider(settings, serde, Downstream(settings.failure_rate))
+        self.sources: list[Source] = []
+        self.committed: dict[Source, int | None] = {}   # K: side effects published below this
+        self.position: dict[Source, int | None] = {}    # next offset to handle
+        self.expect_state: dict[Source, bool] = {}
+        self._last_touch = 0.0
+        self._last_commit = time.monotonic()
+        self._counted_since_log = 0
+        self._batches_since_log = 0
+        self._last_log = time.monotonic()
+        self._total = None
+
+    # -- hooks ---------------------------------------------------------------------
+    def plan(self, messages: Sequence[Message]) -> BatchPlan:
+        raise NotImplementedError
+
+    def poll(self) -> list[Message]:
+        return self.consumer.consume(num_messages=self.settings.batch_size, timeout=self.settings.poll_timeout_s)
+
+    def on_reassign(self) -> None:
+        """Called after the consumer was re-assigned (rewind): drop buffered messages."""
+
+    # -- lifecycle -------------------------------------------------------------------
+    def run(self) -> None:
+        """Run until asked to stop; raises FatalWorkerError or ServiceUnavailable (if stopped while waiting)."""
+        self.start()
+        try:
+            while not self.stop():
+                messages = self.poll()
+                messages = self._drop_errors(messages)
+                if messages:
+                    plan = self.plan(messages)
+                    if plan.batches or plan.out:
+                        self.checkpoint(plan)
+                self._housekeeping()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        wait_for(lambda: self._init_transactions(), "kafka transactions", should_stop=self.stop)
+        stored = wait_for(lambda: self.store.positions(self.sources), "redis", should_stop=self.stop)
+        committed = wait_for(self._committed_offsets, "kafka committed offsets", should_stop=self.stop)
+        for source in self.sources:
+            r, k = stored[source], committed[source]
+            self.committed[source] = k
+            self.expect_state[source] = r is not None
+            self.position[source] = None if r is None or k is None else min(r, k)
+            log.info("start worker=%s source=%s counted_to=%s committed_to=%s resume_at=%s",
+                     self.name, source, r, k, self.position[source] if self.position[source] is not None else "beginning")
+        self._assign()
+
+    def _init_transactions(self) -> None:
+        try:
+            self.producer.init_transactions(KAFKA_TIMEOUT_S)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal():
+                raise FatalWorkerError(f"init_transactions failed: {err.str()}") from exc
+            raise ServiceUnavailable(f"kafka: {err.str()}") from exc
+
+    def _committed_offsets(self) -> dict[Source, int | None]:
+        tps = [TopicPartition(s.topic, s.partition) for s in self.sources]
+        try:
+            result = self.consumer.committed(tps, timeout=10)
+        except KafkaException as exc:
+            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+        return {Source(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in result}
+
+    def _assign(self) -> None:
+        tps = [TopicPartition(s.topic, s.partition, self.position[s] if self.position[s] is not None else OFFSET_BEGINNING)
+               for s in self.sources]
+        self.consumer.assign(tps)
+        self.on_reassign()
+
+    def shutdown(self) -> None:
+        """Record progress if Kafka lets us, then close: well inside stopwaitsecs."""
+        try:
+            if self._uncommitted():
+                self._commit([])
+        except (OrdersError, KafkaException) as exc:
+            log.warning("final commit skipped worker=%s reason=%s", self.name, exc)
+        finally:
+            self.consumer.close()
+            log.info("stopped worker=%s", self.name)
+
+    # -- the protocol ----------------------------------------------------------------
+    def needs_side_effects(self, source: Source, offset: int) -> bool:
+        committed = self.committed.get(source)
+        return committed is None or offset >= committed
+
+    def checkpoint(self, plan: BatchPlan) -> None:
+        """Apply the plan to Redis, then publish its messages and offsets in one transaction."""
+        batches = [b for b in plan.batches.values() if b.to_offset >= 0]
+        heartbeat = self._heartbeat()
+        results = wait_for(lambda: self.store.apply(batches, worker=self.name, heartbeat=heartbeat, now_ms=now_ms()),
+                           "redis", should_stop=self.stop)
+        lost = {r.source for r in results if not r.state_found}
+        for batch in batches:
+            if batch.source not in lost:
+                self.expect_state[batch.source] = True
+                self.position[batch.source] = batch.to_offset
+        if lost:
+            self._rebuild(lost)
+        out = [m for m in plan.out if m.source not in lost]
+        self._counted_since_log += sum(r.counted for r in results)
+        self._batches_since_log += 1
+        if results:
+            self._total = results[-1].total
+        if out or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            self._commit(out)
+
+    def _uncommitted(self) -> bool:
+        return any(p is not None and p != self.committed.get(s) for s, p in self.position.items())
+
+    def _commit(self, out: list[OutMessage]) -> None:
+        offsets = [TopicPartition(s.topic, s.partition, p) for s, p in self.position.items()
+                   if p is not None and p != self.committed.get(s)]
+        if not out and not offsets:
+            return
+        try:
+            self._transaction(out, offsets)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.fatal():
+                raise FatalWorkerError(f"transaction failed fatally: {err.str()}") from exc
+            # Redis already counted this batch; replaying it from K re-publishes
+            # its side effects and the offset guard skips the counting.
+            log.warning("transaction failed worker=%s reason=%s action=abort_and_rewind", self.name, err.str())
+            self._abort()
+            self._rewind_to_committed()
+            return
+        for tp in offsets:
+            self.committed[Source(tp.topic, tp.partition)] = tp.offset
+        self._last_commit = time.monotonic()
+
+    def _transaction(self, out: list[OutMessage], offsets: list[TopicPartition]) -> None:
+        self.producer.begin_transaction()
+        for m in out:
+            self._produce(m)
+        if offsets:
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), KAFKA_TIMEOUT_S)
+        self.producer.commit_transaction(KAFKA_TIMEOUT_S)
+
+    def _produce(self, m: OutMessage) -> None:
+        while True:
+            try:
+                self.producer.produce(m.topic, value=m.value, key=m.key, headers=m.headers)
+                break
+            except BufferError:
+                self.producer.poll(0.1)  # the local queue is full: let deliveries drain
+        self.producer.poll(0)
+
+    def _abort(self) -> None:
+        def abort():
+            try:
+                self.producer.abort_transaction(KAFKA_TIMEOUT_S)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    raise FatalWorkerError(f"abort failed fatally: {err.str()}") from exc
+                raise ServiceUnavailable(f"kafka: {err.str()}") from exc
+        wait_for(abort, "kafka (abort transaction)", should_stop=self.stop)
+
+    def _rewind_to_committed(self) -> None:
+        for source in self.sources:
+            self.position[source] = self.committed.get(source)
+        log.info("rewind worker=%s positions=%s", self.name,
+                 {str(s): p for s, p in self.position.items()})
+        self._assign()
+
+    def _rebuild(self, lost: set[Source]) -> None:
+        for source in lost:
+            log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
+            self.expect_state[source] = False
+            self.position[source] = None
+        self._assign()
+
+    # -- housekeeping ----------------------------------------------------------------
+    def _drop_errors(self, messages: list[Message]) -> list[Message]:
+        good = []
+        for msg in messages:
+            err = msg.error()
+            if err is None:
+                good.append(msg)
+            elif err.fatal():
+                raise FatalWorkerError(f"consumer error: {err.str()}")
+            else:
+                log.warning("consumer error worker=%s code=%s reason=%s", self.name, err.name(), err.str())
+        return good
+
+    def _heartbeat(self) -> dict:
+        return {"pid": os.getpid(), "at_ms": now_ms(), "positions": {str(s): p for s, p in self.position.items()}}
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_touch >= TOUCH_INTERVAL_S:
+            self._last_touch = now
+            try:
+                found = self.store.touch(self.sources, worker=self.name, heartbeat=self._heartbeat())
+            except ServiceUnavailable as exc:
+                log.warning("heartbeat failed worker=%s reason=%s", self.name, exc)
+                found = {}
+            lost = {s for s, ok in found.items() if not ok and self.expect_state.get(s)}
+            if lost:
+                self._rebuild(lost)
+        if self._uncommitted() and now - self._last_commit >= COMMIT_INTERVAL_S:
+            self._commit([])
+        if now - self._last_log >= 1.0 and self._batches_since_log:
+            self.log_progress(now - self._last_log)
+            self._counted_since_log = 0
+            self._batches_since_log = 0
+            self._last_log = now
+
+    def log_progress(self, interval_s: float) -> None:
+        """One INFO line per second of activity: counted, rate and the running average."""
+        total = self._total
+        log.info("progress worker=%s batches=%d counted=%d rate_per_s=%.0f positions=%s "
+                 "global_count=%s global_average=%s",
+                 self.name, self._batches_since_log, self._counted_since_log,
+                 self._counted_since_log / interval_s, ",".join(f"{s}@{p}" for s, p in self.position.items()),
+                 total.count if total else "-", total.average if total else "-")

@@ -1,0 +1,107 @@
+"""Headers that travel with an order on the retry topic and the dead letter queue.
+
+The value and key are always the original bytes; everything we know about the
+order's history is in headers (UTF-8 strings), so any Kafka tool can read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+ATTEMPT = "orders.attempt"            # retry topic: the attempt this message is due for
+ATTEMPTS = "orders.attempts"          # DLQ: attempts made before giving up
+DUE_AT = "orders.due.at.ms"
+ORIGINAL_TOPIC = "orders.original.topic"
+ORIGINAL_PARTITION = "orders.original.partition"
+ORIGINAL_OFFSET = "orders.original.offset"
+ORIGINAL_TIMESTAMP = "orders.original.timestamp.ms"
+ERROR_TYPE = "orders.error.type"
+ERROR_MESSAGE = "orders.error.message"
+FIRST_FAILED_AT = "orders.first.failed.at.ms"
+DEAD_LETTERED_AT = "orders.dead.lettered.at.ms"
+REPLAY_OF = "orders.replay.of"        # on `orders`: the dead letter (topic:partition:offset) it replays
+
+_MAX_ERROR_CHARS = 2000
+
+
+class MalformedEnvelope(ValueError):
+    """A retry message lacks a header it needs or has a bad value in it."""
+
+
+def header_dict(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, str]:
+    """Kafka headers as a dict of strings (last value wins)."""
+    out = {}
+    for name, value in headers or ():
+        out[name] = value.decode("utf-8", "replace") if value is not None else ""
+    return out
+
+
+def encode(headers: dict[str, object]) -> list[tuple[str, bytes]]:
+    return [(name, str(value).encode()) for name, value in headers.items() if value is not None]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where an order first entered the system, and when it first failed."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    first_failed_at_ms: int
+
+    def headers(self) -> dict[str, object]:
+        return {
+            ORIGINAL_TOPIC: self.topic,
+            ORIGINAL_PARTITION: self.partition,
+            ORIGINAL_OFFSET: self.offset,
+            ORIGINAL_TIMESTAMP: self.timestamp_ms,
+            FIRST_FAILED_AT: self.first_failed_at_ms,
+        }
+
+    @classmethod
+    def from_headers(cls, h: dict[str, str]) -> "Provenance":
+        """Raises MalformedEnvelope naming the missing or bad header."""
+        return cls(
+            topic=_required(h, ORIGINAL_TOPIC, str),
+            partition=_required(h, ORIGINAL_PARTITION, int),
+            offset=_required(h, ORIGINAL_OFFSET, int),
+            timestamp_ms=_required(h, ORIGINAL_TIMESTAMP, int),
+            first_failed_at_ms=_required(h, FIRST_FAILED_AT, int),
+        )
+
+
+def _required(h: dict[str, str], name: str, convert):
+    if name not in h:
+        raise MalformedEnvelope(f"header {name} is missing")
+    try:
+        return convert(h[name])
+    except ValueError as exc:
+        raise MalformedEnvelope(f"header {name}={h[name]!r} is invalid") from exc
+
+
+def retry_headers(provenance: Provenance, *, attempt: int, due_at_ms: int,
+                  error_type: str, error_message: str) -> list[tuple[str, bytes]]:
+    return encode({
+        **provenance.headers(),
+        ATTEMPT: attempt,
+        DUE_AT: due_at_ms,
+        ERROR_TYPE: error_type,
+        ERROR_MESSAGE: error_message[:_MAX_ERROR_CHARS],
+    })
+
+
+def dead_letter_headers(provenance: Provenance, *, attempts: int, error_type: str,
+                        error_message: str, dead_lettered_at_ms: int) -> list[tuple[str, bytes]]:
+    return encode({
+        **provenance.headers(),
+        ATTEMPTS: attempts,
+        ERROR_TYPE: error_type,
+        ERROR_MESSAGE: error_message[:_MAX_ERROR_CHARS],
+        DEAD_LETTERED_AT: dead_lettered_at_ms,
+    })
+
+
+def retry_attempt(h: dict[str, str]) -> tuple[int, int]:
+    """(attempt, due_at_ms) of a retry message; raises MalformedEnvelope."""
+    return _required(h, ATTEMPT, int), _required(h, DUE_AT, int)

@@ -1,0 +1,104 @@
+"""The order producer: random orders, keyed by orderId, to the ``orders`` topic.
+
+Idempotent producer, batched by librdkafka (``produce`` + ``poll(0)`` per order,
+one ``flush`` at the end): delivery reports are counted, never awaited one by one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, TextIO
+
+from confluent_kafka import KafkaError, Producer
+
+from .serde import OrderSerde
+
+log = logging.getLogger(__name__)
+
+PRODUCTS = ("keyboard", "mouse", "monitor", "laptop", "headset", "webcam", "dock", "cable", "chair", "desk")
+FLUSH_TIMEOUT_S = 60
+
+
+def random_orders(seed: int | None = None) -> Iterator[dict]:
+    """Endless random orders. ``seed`` fixes products and prices; ids are always unique."""
+    rng = random.Random(seed)
+    while True:
+        yield {
+            "orderId": str(uuid.uuid4()),
+            "product": rng.choice(PRODUCTS),
+            "price": round(rng.uniform(1, 500), 2),
+        }
+
+
+@dataclass
+class DeliveryTally:
+    """Counts delivery reports; optionally records each delivered order (one JSON line)."""
+
+    record: TextIO | None = None
+    delivered: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def callback(self, order: dict) -> Callable:
+        def report(err: KafkaError | None, msg) -> None:
+            if err is not None:
+                self.failed += 1
+                if len(self.errors) < 5:
+                    self.errors.append(err.str())
+                return
+            self.delivered += 1
+            if self.record is not None:
+                self.record.write(json.dumps({**order, "partition": msg.partition(), "offset": msg.offset()}) + "\n")
+        return report
+
+
+class RateLimiter:
+    """Paces calls to ``rate`` per second (0: unlimited) without drifting."""
+
+    def __init__(self, rate: float, stop: Callable[[], bool]):
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = time.monotonic()
+        self._stop = stop
+
+    def wait(self, producer: Producer) -> None:
+        if not self._interval:
+            return
+        self._next += self._interval
+        while not self._stop():
+            delay = self._next - time.monotonic()
+            if delay <= 0:
+                return
+            producer.poll(min(delay, 0.5))  # serve delivery reports while pacing
+
+
+def produce_orders(producer: Producer, serde: OrderSerde, topic: str, *, count: int, rate: float,
+                   seed: int | None, stop: Callable[[], bool], tally: DeliveryTally,
+                   on_progress: Callable[[int], None] = lambda n: None) -> int:
+    """Produce ``count`` orders (0: until ``stop()``); returns how many were handed to the client."""
+    limiter = RateLimiter(rate, stop)
+    sent = 0
+    for order in random_orders(seed):
+        if stop() or (count and sent >= count):
+            break
+        limiter.wait(producer)
+        value = serde.encode(order)
+        while True:
+            try:
+                producer.produce(topic, key=order["orderId"].encode(), value=value,
+                                 on_delivery=tally.callback(order))
+                break
+            except BufferError:
+                producer.poll(0.1)  # local queue full: wait for deliveries
+        producer.poll(0)
+        sent += 1
+        on_progress(1)
+        if sent % 100000 == 0:
+            log.info("produced sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
+    remaining = producer.flush(FLUSH_TIMEOUT_S)
+    if remaining:
+        log.error("flush timed out undelivered=%d", remaining)
+    return sent

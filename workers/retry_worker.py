@@ -1,0 +1,118 @@
+"""The retry worker: re-attempts orders from the delayed retry topic once they are due.
+
+A message waits in memory until its due time while its partition is paused, so
+the worker never sleeps past ``max.poll.interval.ms`` and never busy-waits: it
+polls with a timeout that ends at the next due time (at most ``poll_timeout_s``).
+Messages of one retry partition are handled in offset order; one due later
+than the messages behind it delays them (never makes anything early).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Sequence
+
+from confluent_kafka import Message, TopicPartition
+
+from .clients import wait_for
+from .engine import BatchPlan, BatchWorker, message_key, now_ms
+from .envelope import MalformedEnvelope, Provenance, header_dict, retry_attempt
+from .errors import PermanentError
+from .store import Source
+
+log = logging.getLogger(__name__)
+
+
+class MalformedRetry(PermanentError):
+    """A message on the retry topic without the headers the retry worker needs."""
+
+
+class RetryWorker(BatchWorker):
+    name = "retry"
+
+    def __init__(self, settings, **clients):
+        super().__init__(settings, **clients)
+        self.sources = [Source(settings.retry_topic, p) for p in range(settings.retry_partitions)]
+        self.waiting: dict[Source, deque] = {s: deque() for s in self.sources}
+        self.paused: set[Source] = set()
+
+    def on_reassign(self) -> None:
+        for queue in self.waiting.values():
+            queue.clear()
+        # A partition paused before the rewind must fetch again from its new offset.
+        self.consumer.resume([TopicPartition(s.topic, s.partition) for s in self.sources])
+        self.paused.clear()
+
+    def poll(self) -> list[Message]:
+        timeout = self.settings.poll_timeout_s
+        due = self._next_due_ms()
+        if due is not None:
+            timeout = max(0.0, min(timeout, (due - now_ms()) / 1000))
+        return self.consumer.consume(num_messages=self.settings.batch_size, timeout=timeout)
+
+    def _next_due_ms(self) -> int | None:
+        heads = [q[0][1] for q in self.waiting.values() if q]
+        return min(heads) if heads else None
+
+    def plan(self, messages: Sequence[Message]) -> BatchPlan:
+        for msg in messages:
+            self.waiting[Source(msg.topic(), msg.partition())].append((msg, self._due_ms(msg)))
+        plan = BatchPlan()
+        due_now = [m for q in self.waiting.values() for m, due in q if due <= now_ms()]
+        if due_now:
+            wait_for(lambda: self.serde.prefetch(m.value() for m in due_now), "schema registry", should_stop=self.stop)
+        for source, queue in self.waiting.items():
+            self._take_due(source, queue, plan)
+        self._pause_waiting()
+        return plan
+
+    def _housekeeping(self) -> None:
+        # Waiting messages become due between polls: handle them even when
+        # nothing new arrives.
+        if any(q and q[0][1] <= now_ms() for q in self.waiting.values()):
+            plan = self.plan([])
+            if plan.batches or plan.out:
+                self.checkpoint(plan)
+        super()._housekeeping()
+
+    @staticmethod
+    def _due_ms(msg: Message) -> int:
+        try:
+            return retry_attempt(header_dict(msg.headers()))[1]
+        except MalformedEnvelope:
+            return 0  # handled (dead-lettered) at once
+
+    def _take_due(self, source: Source, queue: deque, plan: BatchPlan) -> None:
+        batch = None
+        while queue and queue[0][1] <= now_ms():
+            msg, due = queue.popleft()
+            if batch is None:
+                batch = plan.batch_for(source, self.expect_state[source])
+            offset = msg.offset()
+            headers = header_dict(msg.headers())
+            try:
+                attempt, _ = retry_attempt(headers)
+                provenance = Provenance.from_headers(headers)
+            except MalformedEnvelope as exc:
+                cents, out = None, self.decider.dead_letter(msg, MalformedRetry(str(exc)), attempts=0)
+            else:
+                cents, out, _ = self.decider.attempt(msg, attempt, provenance)
+                if cents is not None:
+                    batch.items.append((offset, provenance.partition, cents))
+                    log.info("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
+                             message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
+            if cents is None and self.needs_side_effects(source, offset):
+                plan.out.append(out)
+            batch.to_offset = offset + 1
+
+    def _pause_waiting(self) -> None:
+        """Pause partitions with messages waiting (bounds memory), resume drained ones."""
+        to_pause = [s for s, q in self.waiting.items() if q and s not in self.paused]
+        to_resume = [s for s, q in self.waiting.items() if not q and s in self.paused]
+        if to_pause:
+            self.consumer.pause([TopicPartition(s.topic, s.partition) for s in to_pause])
+            self.paused.update(to_pause)
+        if to_resume:
+            self.consumer.resume([TopicPartition(s.topic, s.partition) for s in to_resume])
+            self.paused.difference_update(to_resume)

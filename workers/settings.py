@@ -1,0 +1,179 @@
+"""Settings: one frozen object built from the environment in one place.
+
+Every role receives a ``Settings`` explicitly; no other module reads ``os.environ``
+(except the CLI, which passes it here).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SCHEMA_PATH = REPO_ROOT / "schemas" / "order.avsc"
+
+# Environment variables with a KAFKA_ prefix that are not listed here become
+# librdkafka settings: KAFKA_SECURITY_PROTOCOL -> security.protocol.
+_KAFKA_OWN_VARS = {"KAFKA_BOOTSTRAP_SERVERS"}
+_SECRET_WORDS = ("password", "secret", "key", "token", "user.info", "jaas")
+
+
+def _is_secret(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str = "localhost:9092"
+    schema_registry_url: str = "http://localhost:8081/apis/ccompat/v7"
+    schema_registry_user_info: str = field(default="", repr=False)
+    redis_url: str = field(default="redis://localhost:6379/0", repr=False)
+    redis_prefix: str = "orders"
+
+    orders_topic: str = "orders"
+    retry_topic: str = "orders-retry"
+    dlq_topic: str = "orders-dlq"
+    partitions: int = 3
+    retry_partitions: int = 3
+    replication_factor: int = -1  # -1: the broker's default.replication.factor
+    # The aggregate is derived from the orders and retry logs; a rebuild after
+    # losing Redis needs them whole, so topics we create keep data forever.
+    retention_ms: int = -1
+
+    group_prefix: str = "orders"
+    transactional_id_prefix: str = "orders"
+    batch_size: int = 2000
+    poll_timeout_s: float = 0.5
+
+    failure_rate: float = 0.0
+    max_retries: int = 3
+    retry_backoff_ms: int = 1000
+    retry_backoff_multiplier: float = 2.0
+    max_price: float = 1_000_000.0
+
+    produce_rate: float = 20.0
+    schema_path: Path = DEFAULT_SCHEMA_PATH
+    log_level: str = "INFO"
+    kafka_extra: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from ``environ`` (default ``os.environ``); raises ConfigError."""
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        for name, (var, convert) in _ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = convert(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{var}={raw!r} is not valid: {exc}") from exc
+        values["kafka_extra"] = _kafka_extra(env)
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Reject values no run could succeed with; raises ConfigError naming the variable."""
+        checks = [
+            (self.partitions >= 1, "ORDERS_PARTITIONS must be >= 1"),
+            (self.retry_partitions >= 1, "RETRY_PARTITIONS must be >= 1"),
+            (0.0 <= self.failure_rate <= 1.0, "ORDERS_FAILURE_RATE must be between 0 and 1"),
+            (self.max_retries >= 0, "RETRY_MAX must be >= 0"),
+            (self.retry_backoff_ms >= 0, "RETRY_BACKOFF_MS must be >= 0"),
+            (self.retry_backoff_multiplier >= 1.0, "RETRY_BACKOFF_MULTIPLIER must be >= 1"),
+            (self.batch_size >= 1, "BATCH_SIZE must be >= 1"),
+            (0 < self.poll_timeout_s <= 1.0, "POLL_TIMEOUT_S must be in (0, 1]"),
+            (self.produce_rate >= 0, "PRODUCE_RATE must be >= 0"),
+            (self.max_price > 0, "ORDERS_MAX_PRICE must be > 0"),
+            (len({self.orders_topic, self.retry_topic, self.dlq_topic}) == 3,
+             "ORDERS_TOPIC, RETRY_TOPIC and DLQ_TOPIC must differ"),
+            (self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+             "LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def max_attempts(self) -> int:
+        return self.max_retries + 1
+
+    def group_id(self, role: str) -> str:
+        return f"{self.group_prefix}-{role}"
+
+    def transactional_id(self, role: str) -> str:
+        return f"{self.transactional_id_prefix}-{role}"
+
+    def describe(self) -> str:
+        """One log line of the effective settings, with secrets hidden."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "redis_url":
+                value = redact_url(value)
+            elif f.name == "schema_registry_url":
+                value = redact_url(value)
+            elif f.name == "schema_registry_user_info":
+                value = "***" if value else ""
+            elif f.name == "kafka_extra":
+                value = {k: ("***" if _is_secret(k) else v) for k, v in value.items()}
+            shown.append(f"{f.name}={value}")
+        return " ".join(shown)
+
+
+def _kafka_extra(env: Mapping[str, str]) -> dict[str, str]:
+    extra = {}
+    for var, value in env.items():
+        if var.startswith("KAFKA_") and var not in _KAFKA_OWN_VARS:
+            key = var[len("KAFKA_"):].lower().replace("_", ".")
+            if not re.fullmatch(r"[a-z0-9.]+", key):
+                raise ConfigError(f"{var} does not name a librdkafka setting")
+            extra[key] = value
+    return extra
+
+
+_ENV_VARS = {
+    "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", str),
+    "schema_registry_url": ("SCHEMA_REGISTRY_URL", str),
+    "schema_registry_user_info": ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", str),
+    "redis_url": ("REDIS_URL", str),
+    "redis_prefix": ("REDIS_PREFIX", str),
+    "orders_topic": ("ORDERS_TOPIC", str),
+    "retry_topic": ("RETRY_TOPIC", str),
+    "dlq_topic": ("DLQ_TOPIC", str),
+    "partitions": ("ORDERS_PARTITIONS", int),
+    "retry_partitions": ("RETRY_PARTITIONS", int),
+    "replication_factor": ("TOPIC_REPLICATION_FACTOR", int),
+    "retention_ms": ("TOPIC_RETENTION_MS", int),
+    "group_prefix": ("CONSUMER_GROUP_PREFIX", str),
+    "transactional_id_prefix": ("TRANSACTIONAL_ID_PREFIX", str),
+    "batch_size": ("BATCH_SIZE", int),
+    "poll_timeout_s": ("POLL_TIMEOUT_S", float),
+    "failure_rate": ("ORDERS_FAILURE_RATE", float),
+    "max_retries": ("RETRY_MAX", int),
+    "retry_backoff_ms": ("RETRY_BACKOFF_MS", int),
+    "retry_backoff_multiplier": ("RETRY_BACKOFF_MULTIPLIER", float),
+    "max_price": ("ORDERS_MAX_PRICE", float),
+    "produce_rate": ("PRODUCE_RATE", float),
+    "schema_path": ("ORDER_SCHEMA_PATH", Path),
+    "log_level": ("LOG_LEVEL", str),
+}

@@ -1,0 +1,235 @@
+"""The aggregate store: per-partition and global order sums and counts in Redis.
+
+Each *source* (one partition of ``orders`` or of ``orders-retry``) has the
+offset up to which its orders are counted. A batch is applied by one Lua
+script that counts only messages at or past that offset and moves it, all
+atomically: replaying a batch (after a crash, a Kafka rewind, a lost reply)
+changes nothing, and a worker resumes from the stored offset.
+
+Keys share the hash tag ``{prefix}`` so that one script only touches one slot.
+Sums are integer cents, so the average never drifts.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import redis
+
+from .errors import ServiceUnavailable
+
+# KEYS: source, total, heartbeat, target_0 .. target_k
+# ARGV: expect_state, to_offset, heartbeat_value, heartbeat_ttl_ms, now_ms,
+#       then (offset, target index, cents) per counted message, in offset order.
+# Returns {status, counted, offset, total count, total cents}: status 1 applied, 0 state missing (when
+# expected: Redis lost it, the worker must rebuild from the log).
+_APPLY = """
+local src, total, hb = KEYS[1], KEYS[2], KEYS[3]
+redis.call('SET', hb, ARGV[3], 'PX', ARGV[4])
+local stored = redis.call('HGET', src, 'offset')
+if not stored then
+  if ARGV[1] == '1' then return {0, 0, -1, 0, 0} end
+  stored = -1
+else
+  stored = tonumber(stored)
+end
+local counts, cents = {}, {}
+local counted, counted_cents = 0, 0
+for i = 6, #ARGV, 3 do
+  if tonumber(ARGV[i]) >= stored then
+    local t = tonumber(ARGV[i + 1])
+    local c = tonumber(ARGV[i + 2])
+    counts[t] = (counts[t] or 0) + 1
+    cents[t] = (cents[t] or 0) + c
+    counted = counted + 1
+    counted_cents = counted_cents + c
+  end
+end
+for t, n in pairs(counts) do
+  local key = KEYS[4 + t]
+  redis.call('HINCRBY', key, 'count', n)
+  redis.call('HINCRBY', key, 'cents', string.format('%d', cents[t]))
+end
+if counted > 0 then
+  redis.call('HINCRBY', total, 'count', counted)
+  redis.call('HINCRBY', total, 'cents', string.format('%d', counted_cents))
+end
+local to_offset = tonumber(ARGV[2])
+if to_offset > stored then
+  redis.call('HSET', src, 'offset', ARGV[2])
+  stored = to_offset
+end
+redis.call('HINCRBY', src, 'counted', counted)
+redis.call('HSET', src, 'updated_ms', ARGV[5])
+local t = redis.call('HMGET', total, 'count', 'cents')
+return {1, counted, stored, tonumber(t[1] or '0'), tonumber(t[2] or '0')}
+"""
+
+# KEYS: source, heartbeat. ARGV: heartbeat_value, heartbeat_ttl_ms. Returns 1 if
+# the source has state.
+_TOUCH = """
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return redis.call('EXISTS', KEYS[1])
+"""
+
+HEARTBEAT_TTL_MS = 15000
+
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+               redis.exceptions.BusyLoadingError, redis.exceptions.ReadOnlyError,
+               redis.exceptions.TryAgainError)
+
+
+@dataclass(frozen=True)
+class Source:
+    topic: str
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}:{self.partition}"
+
+
+@dataclass
+class SourceBatch:
+    """What one batch of one source adds: counted items and the offset after it."""
+
+    source: Source
+    to_offset: int
+    expect_state: bool
+    items: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, target partition, cents)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    source: Source
+    state_found: bool
+    counted: int
+    offset: int
+    total: "Totals"
+
+
+@dataclass(frozen=True)
+class Totals:
+    count: int
+    cents: int
+
+    @property
+    def sum(self) -> float:
+        return self.cents / 100
+
+    @property
+    def average(self) -> float | None:
+        return round(self.cents / self.count / 100, 6) if self.count else None
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "sum": round(self.sum, 2), "average": self.average}
+
+
+class AggregateStore:
+    """Reads and updates the aggregate; every Redis outage raises ServiceUnavailable."""
+
+    def __init__(self, client: redis.Redis, prefix: str):
+        self._redis = client
+        self._prefix = prefix
+        self._apply = client.register_script(_APPLY)
+        self._touch = client.register_script(_TOUCH)
+
+    # -- keys ----------------------------------------------------------------
+    def _key(self, *parts: object) -> str:
+        return ":".join([f"{{{self._prefix}}}", *map(str, parts)])
+
+    def source_key(self, source: Source) -> str:
+        return self._key("source", source.topic, source.partition)
+
+    def partition_key(self, partition: int) -> str:
+        return self._key("partition", partition)
+
+    def heartbeat_key(self, worker: str) -> str:
+        return self._key("worker", worker)
+
+    @property
+    def total_key(self) -> str:
+        return self._key("total")
+
+    # -- updates ---------------------------------------------------------------
+    def apply(self, batches: Sequence[SourceBatch], *, worker: str, heartbeat: dict,
+              now_ms: int) -> list[ApplyResult]:
+        """Apply every source's batch in one round trip (a pipeline of script calls)."""
+        beat = json.dumps(heartbeat)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for batch in batches:
+                targets = sorted({target for _, target, _ in batch.items})
+                index = {target: i for i, target in enumerate(targets)}
+                args: list = ["1" if batch.expect_state else "0", batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms]
+                for offset, target, cents in batch.items:
+                    args.extend((offset, index[target], cents))
+                keys = [self.source_key(batch.source), self.total_key, self.heartbeat_key(worker),
+                        *(self.partition_key(t) for t in targets)]
+                self._apply(keys=keys, args=args, client=pipe)
+            replies = pipe.execute()
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        return [ApplyResult(batch.source, bool(status), int(counted), int(offset), Totals(int(count), int(cents)))
+                for batch, (status, counted, offset, count, cents) in zip(batches, replies)]
+
+    def touch(self, sources: Sequence[Source], *, worker: str, heartbeat: dict) -> dict[Source, bool]:
+        """Refresh the worker's heartbeat; report which sources still have state."""
+        beat = json.dumps(heartbeat)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for source in sources:
+                self._touch(keys=[self.source_key(source), self.heartbeat_key(worker)],
+                            args=[beat, HEARTBEAT_TTL_MS], client=pipe)
+            replies = pipe.execute()
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        return {source: bool(found) for source, found in zip(sources, replies)}
+
+    # -- reads -------------------------------------------------------------------
+    def positions(self, sources: Sequence[Source]) -> dict[Source, int | None]:
+        """The next offset to count for each source, or None if it has no state."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for source in sources:
+                pipe.hget(self.source_key(source), "offset")
+            replies = pipe.execute()
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        return {s: (int(r) if r is not None else None) for s, r in zip(sources, replies)}
+
+    def snapshot(self, partitions: int, sources: Sequence[Source] = (),
+                 workers: Sequence[str] = ()) -> dict:
+        """Totals, per-partition totals, source positions and heartbeats in one round trip."""
+        try:
+            pipe = self._redis.pipeline(transaction=True)  # one consistent view
+            pipe.hgetall(self.total_key)
+            for p in range(partitions):
+                pipe.hgetall(self.partition_key(p))
+            for source in sources:
+                pipe.hgetall(self.source_key(source))
+            for worker in workers:
+                pipe.get(self.heartbeat_key(worker))
+            replies = pipe.execute()
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        total = _totals(replies[0])
+        parts = [_totals(r) for r in replies[1:1 + partitions]]
+        rest = replies[1 + partitions:]
+        src = {s: {k.decode(): int(v) for k, v in r.items()} for s, r in zip(sources, rest[:len(sources)])}
+        beats = {w: (json.loads(r) if r else None) for w, r in zip(workers, rest[len(sources):])}
+        return {"total": total, "partitions": parts, "sources": src, "workers": beats}
+
+    def clear(self) -> int:
+        """Delete every key under this prefix (tests and `orders reset`)."""
+        try:
+            keys = list(self._redis.scan_iter(match=f"{{{self._prefix}}}:*", count=1000))
+            if keys:
+                self._redis.delete(*keys)
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        return len(keys)
+
+
+def _totals(raw: dict) -> Totals:
+    return Totals(count=int(raw.get(b"count", 0)), cents=int(raw.get(b"cents", 0)))

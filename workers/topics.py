@@ -1,0 +1,73 @@
+"""Idempotent topic bootstrap: create what is missing, never touch what exists."""
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from .errors import ServiceUnavailable, TopicConfigError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+METADATA_TIMEOUT_S = 10
+
+
+def wanted_topics(settings: Settings) -> dict[str, int]:
+    """Topic name -> partition count this configuration needs."""
+    return {
+        settings.orders_topic: settings.partitions,
+        settings.retry_topic: settings.retry_partitions,
+        settings.dlq_topic: 1,
+    }
+
+
+def partition_counts(admin: AdminClient) -> dict[str, int]:
+    """Every topic's partition count; raises ServiceUnavailable if Kafka does not answer."""
+    try:
+        metadata = admin.list_topics(timeout=METADATA_TIMEOUT_S)
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    return {name: len(topic.partitions) for name, topic in metadata.topics.items() if topic.error is None}
+
+
+def ensure_topics(admin: AdminClient, settings: Settings) -> list[str]:
+    """Create the missing topics; returns their names.
+
+    Raises TopicConfigError if a topic exists with another partition count than
+    configured (the design maps worker n to partition n), ServiceUnavailable if
+    Kafka does not answer.
+    """
+    wanted = wanted_topics(settings)
+    existing = partition_counts(admin)
+    for name, partitions in wanted.items():
+        if name in existing and existing[name] != partitions:
+            raise TopicConfigError(
+                f"topic {name} has {existing[name]} partitions but {partitions} are configured; "
+                f"set ORDERS_PARTITIONS/RETRY_PARTITIONS to match or use another topic name")
+    missing = [name for name in wanted if name not in existing]
+    if not missing:
+        return []
+    config = {"retention.ms": str(settings.retention_ms)}
+    new = [NewTopic(name, num_partitions=wanted[name], replication_factor=settings.replication_factor, config=config)
+           for name in missing]
+    created = []
+    for name, future in admin.create_topics(new, operation_timeout=METADATA_TIMEOUT_S).items():
+        try:
+            future.result()
+            created.append(name)
+            log.info("created topic=%s partitions=%d", name, wanted[name])
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue  # another worker won the race
+            if err.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN):
+                raise ServiceUnavailable(f"kafka: {err.str()}") from exc
+            raise TopicConfigError(f"cannot create topic {name}: {err.str()}") from exc
+    # A racing creator may have used other counts: check again.
+    existing = partition_counts(admin)
+    for name in missing:
+        if existing.get(name, wanted[name]) != wanted[name]:
+            raise TopicConfigError(f"topic {name} was created with {existing[name]} partitions, not {wanted[name]}")
+    return created
