@@ -85,6 +85,9 @@ class Settings:
                 values[name] = convert(raw)
             except ValueError as exc:
                 raise ConfigError(f"{var}={raw!r} is not valid: {exc}") from exc
+        if "failure_rate" not in values and env.get("ORDERS_FAILURE_RATE_DEFAULT"):
+            # supervisor.conf's demo rate: an explicit ORDERS_FAILURE_RATE wins.
+            values["failure_rate"] = float(env["ORDERS_FAILURE_RATE_DEFAULT"])
         values["kafka_extra"] = _kafka_extra(env)
         values.update(overrides)
         settings = cls(**values)

@@ -6,6 +6,7 @@
 // coordinator and the transaction coordinator. Asking for each of them also
 // creates __consumer_offsets and __transaction_state now, rather than during
 // the first test (whose timeouts may be shorter). Exit status 0 = ready.
+import java.time.Duration;
 import java.util.Properties;
 import java.util.concurrent.TimeUnit;
 
@@ -16,35 +17,62 @@ import org.apache.kafka.clients.producer.ProducerConfig;
 import org.apache.kafka.common.serialization.ByteArraySerializer;
 
 public class KafkaCheck {
-    public static void main(String[] args) throws Exception {
+    public static void main(String[] args) {
+        try {
+            check(args);
+        } catch (Exception e) {
+            // One line is enough: scripts/stack prints the broker's log next.
+            Throwable root = e;
+            while (root.getCause() != null) root = root.getCause();
+            System.err.println("kafka-check: FAILED: " + e + (root != e ? " (cause: " + root + ")" : ""));
+            System.exit(1);
+        }
+    }
+
+    static void check(String[] args) throws Exception {
         String bootstrap = args[0];
         long timeoutS = args.length > 1 ? Long.parseLong(args[1]) : 60;
         long timeoutMs = TimeUnit.SECONDS.toMillis(timeoutS);
 
-        Properties common = new Properties();
-        common.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
-        common.put(AdminClientConfig.CLIENT_ID_CONFIG, "orders-stack-check");
+        long requestMs = Math.min(5000, timeoutMs);
 
-        try (Admin admin = Admin.create(common)) {
+        Properties a = new Properties();
+        a.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+        a.put(AdminClientConfig.CLIENT_ID_CONFIG, "orders-stack-check");
+        // Bound every call, including close(): by default Admin.close() waits
+        // for pending calls for up to default.api.timeout.ms (60 s).
+        a.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, Long.toString(requestMs));
+        a.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, Long.toString(timeoutMs));
+
+        Admin admin = Admin.create(a);
+        try {
             int nodes = admin.describeCluster().nodes().get(timeoutMs, TimeUnit.MILLISECONDS).size();
             System.out.println("kafka-check: metadata ok (" + nodes + " node)");
             // FindCoordinator(GROUP) -> creates __consumer_offsets if missing.
             admin.listConsumerGroupOffsets("orders-stack-check")
                  .partitionsToOffsetAndMetadata().get(timeoutMs, TimeUnit.MILLISECONDS);
             System.out.println("kafka-check: group coordinator ok");
+        } finally {
+            admin.close(Duration.ofSeconds(2));
         }
 
         Properties p = new Properties();
-        p.putAll(common);
+        p.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+        p.put(ProducerConfig.CLIENT_ID_CONFIG, "orders-stack-check");
+        p.put(ProducerConfig.REQUEST_TIMEOUT_MS_CONFIG, Long.toString(requestMs));
+        p.put(ProducerConfig.DELIVERY_TIMEOUT_MS_CONFIG, Long.toString(Math.max(timeoutMs, requestMs + 5)));
         p.put(ProducerConfig.TRANSACTIONAL_ID_CONFIG, "orders-stack-check");
         p.put(ProducerConfig.MAX_BLOCK_MS_CONFIG, Long.toString(timeoutMs));
         p.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class.getName());
         p.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class.getName());
-        try (KafkaProducer<byte[], byte[]> producer = new KafkaProducer<>(p)) {
+        KafkaProducer<byte[], byte[]> producer = new KafkaProducer<>(p);
+        try {
             // FindCoordinator(TRANSACTION) + InitProducerId -> creates __transaction_state.
             producer.initTransactions();
             producer.beginTransaction();
             producer.commitTransaction();
+        } finally {
+            producer.close(Duration.ofSeconds(2));
         }
         System.out.println("kafka-check: transaction coordinator ok");
     }
