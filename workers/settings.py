@@ -40,10 +40,10 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    bootstrap_servers: str = "localhost:9092"
-    schema_registry_url: str = "http://localhost:8081/apis/ccompat/v7"
+    bootstrap_servers: str = "127.0.0.1:9092"
+    schema_registry_url: str = "http://127.0.0.1:8081/apis/ccompat/v7"
     schema_registry_user_info: str = field(default="", repr=False)
-    redis_url: str = field(default="redis://localhost:6379/0", repr=False)
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_prefix: str = "orders"
 
     orders_topic: str = "orders"

@@ -6,8 +6,8 @@ from workers.settings import Settings, redact_url
 
 def test_defaults_point_at_localhost():
     s = Settings.from_env({})
-    assert s.bootstrap_servers == "localhost:9092"
-    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.bootstrap_servers == "127.0.0.1:9092"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
     assert (s.orders_topic, s.retry_topic, s.dlq_topic) == ("orders", "orders-retry", "orders-dlq")
     assert s.partitions == 3
     assert s.max_attempts == 4

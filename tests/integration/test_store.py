@@ -1,0 +1,102 @@
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from workers.errors import ServiceUnavailable
+from workers.store import AggregateStore, Source, SourceBatch
+
+SRC = Source("orders", 0)
+
+
+@pytest.fixture
+def store(settings):
+    client = redis.Redis.from_url(settings.redis_url)
+    return AggregateStore(client, settings.redis_prefix)
+
+
+def apply(store, batch):
+    return store.apply([batch], worker="w", heartbeat={"pid": 1}, now_ms=1)[0]
+
+
+def test_batch_counts_and_moves_the_offset(store):
+    r = apply(store, SourceBatch(SRC, to_offset=3, expect_state=False, items=[(0, 0, 1000), (2, 1, 250)]))
+    assert (r.state_found, r.counted, r.offset) == (True, 2, 3)
+    snap = store.snapshot(3)
+    assert snap["total"].count == 2 and snap["total"].cents == 1250
+    assert [p.count for p in snap["partitions"]] == [1, 1, 0]
+    assert store.positions([SRC]) == {SRC: 3}
+
+
+def test_replaying_a_batch_changes_nothing(store):
+    batch = SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100), (1, 0, 200)])
+    apply(store, batch)
+    before = store.snapshot(1)
+    again = apply(store, batch)
+    assert again.counted == 0
+    assert store.snapshot(1)["total"] == before["total"]
+
+
+def test_overlapping_batch_counts_only_the_new_part(store):
+    apply(store, SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100), (1, 0, 200)]))
+    r = apply(store, SourceBatch(SRC, to_offset=4, expect_state=True, items=[(1, 0, 200), (3, 0, 5)]))
+    assert r.counted == 1
+    assert store.snapshot(1)["total"].cents == 305
+
+
+def test_lost_state_is_reported_not_overwritten(store):
+    r = apply(store, SourceBatch(SRC, to_offset=9, expect_state=True, items=[(8, 0, 100)]))
+    assert not r.state_found
+    assert store.snapshot(1)["total"].count == 0
+    assert store.positions([SRC]) == {SRC: None}
+
+
+def test_large_sums_stay_exact(store):
+    items = [(i, 0, 99999999) for i in range(1000)]
+    apply(store, SourceBatch(SRC, to_offset=1000, expect_state=False, items=items))
+    apply(store, SourceBatch(Source("orders", 1), to_offset=1000, expect_state=False, items=items))
+    assert store.snapshot(1)["total"].cents == 2 * 1000 * 99999999
+
+
+def test_redis_down_is_unavailable(settings):
+    down = AggregateStore(redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1), "x")
+    with pytest.raises(ServiceUnavailable, match="redis"):
+        down.positions([SRC])
+
+
+def test_aof_keeps_state_across_a_redis_restart(tmp_path):
+    """A redis-server of our own (own port, own dir) is stopped and started again."""
+    port = 6390 + os.getpid() % 500
+    args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--appendonly", "yes",
+            "--dir", str(tmp_path), "--save", "", "--daemonize", "no"]
+
+    def start():
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=port)
+        for _ in range(50):
+            try:
+                client.ping()
+                return proc, client
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        proc.kill()
+        raise AssertionError("redis-server did not start")
+
+    proc, client = start()
+    try:
+        store = AggregateStore(client, "aof")
+        apply(store, SourceBatch(SRC, to_offset=5, expect_state=False, items=[(4, 0, 4242)]))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    proc, client = start()
+    try:
+        store = AggregateStore(client, "aof")
+        assert store.positions([SRC]) == {SRC: 5}
+        assert store.snapshot(1)["total"].cents == 4242
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
