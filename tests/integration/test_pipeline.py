@@ -1,0 +1,108 @@
+"""End to end through the real supervisor.conf: counted + dead-lettered = produced."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from workers import envelope as env_headers
+from workers.clients import make_registry
+from workers.serde import OrderSerde, load_schema
+from workers.settings import Settings
+
+from ..conftest import isolated_env
+from ..pool import SupervisedPool, Truth, dead_letters, read_topic, run_orders, wait_until_quiet, ORDERS
+from .conftest import cleanup
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def pool_env():
+    env = isolated_env("e2e", ORDERS_FAILURE_RATE="0.25", RETRY_BACKOFF_MS="200", PRODUCE_RATE="200",
+                       BATCH_SIZE="500")
+    yield env
+    cleanup(Settings.from_env(env))
+
+
+@pytest.fixture
+def pool(pool_env, tmp_path):
+    pool = SupervisedPool(pool_env, tmp_path)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+def check_invariants(env: dict, settings: Settings) -> Truth:
+    serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+    truth = Truth(read_topic(settings.bootstrap_servers, settings.orders_topic), serde, settings)
+    stats, dlq = wait_until_quiet(env, truth.count, len(truth.expected_dead) + truth.undecodable)
+    dlq_ids = [d["order"]["orderId"] for d in dlq if d["order"]]
+    assert len(dlq_ids) == len(set(dlq_ids)), "an order was dead-lettered twice"
+    assert set(dlq_ids) == truth.expected_dead
+    assert stats["count"] + len(dlq) == truth.total
+    assert stats["count"] == truth.count
+    assert round(stats["sum"] * 100) == truth.cents
+    assert stats["average"] == pytest.approx(truth.cents / truth.count / 100)
+    for p in stats["partitions"]:
+        assert p["count"] == truth.count_by_partition.get(p["partition"], 0)
+    for d in dlq:
+        assert d["error_type"] == "DownstreamUnavailable"
+        assert d["attempts"] == settings.max_attempts
+        assert d["original_topic"] == settings.orders_topic
+        assert d["original_partition"] in range(settings.partitions)
+        assert d["original_offset"] >= 0
+        assert d["first_failed_at"] <= d["dead_lettered_at"]
+    check_retries_waited(settings)
+    return truth
+
+
+def check_retries_waited(settings: Settings) -> None:
+    """Each retry step was taken no earlier than the due time of the step before it."""
+    steps: dict[str, list[tuple[int, int, int]]] = {}
+    for msg in read_topic(settings.bootstrap_servers, settings.retry_topic):
+        h = env_headers.header_dict(msg.headers())
+        attempt, due = env_headers.retry_attempt(h)
+        steps.setdefault(msg.key().decode(), []).append((attempt, due, msg.timestamp()[1]))
+    dead = {msg.key().decode(): msg.timestamp()[1]
+            for msg in read_topic(settings.bootstrap_servers, settings.dlq_topic)}
+    assert steps, "the failure rate should have produced retries"
+    for key, chain in steps.items():
+        chain.sort()
+        assert [a for a, _, _ in chain] == list(range(2, 2 + len(chain))), f"{key}: attempts {chain}"
+        for (_, due, _), (_, _, next_published) in zip(chain, chain[1:]):
+            assert next_published >= due, f"{key}: retried {due - next_published} ms early"
+        if key in dead:
+            assert dead[key] >= chain[-1][1], f"{key}: dead-lettered before its last retry was due"
+
+
+def test_supervised_pool_counts_every_order_once(pool, pool_env):
+    settings = Settings.from_env(pool_env)
+    assert set(pool.statuses()) == {"consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2",
+                                    "retry", "producer", "dlq-viewer"}
+    run_orders(pool_env, "produce", "--count", "3000", "--seed", "7")
+    pool.ctl("stop", "producer", check=True)
+    truth = check_invariants(pool_env, settings)
+    assert truth.total >= 3000 and truth.expected_dead
+
+    # Now restart (SIGTERM) and kill (SIGKILL) workers while orders stream in.
+    producing = subprocess.Popen([ORDERS, "produce", "--count", "6000", "--rate", "1500"],
+                                 env={**pool_env, "PATH": "/usr/bin:/bin"}, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        pool.kill("consumer:consumer-1", signal.SIGTERM)
+        time.sleep(0.7)
+        pool.kill("consumer:consumer-2", signal.SIGKILL)
+        time.sleep(0.5)
+        pool.kill("retry", signal.SIGKILL)
+        assert producing.wait(60) == 0
+    finally:
+        if producing.poll() is None:
+            producing.kill()
+    pool.wait_all_running()
+    truth = check_invariants(pool_env, settings)
+    assert truth.total >= 9000
+    log = (pool.folder / "run" / "consumer-1.log").read_text()
+    assert "stopped worker=partition-1" in log  # the SIGTERM'd worker shut down cleanly

@@ -1,0 +1,189 @@
+"""Test helpers: run the real supervisor.conf / Procfile in a private folder, read topics.
+
+The pool's config files are used as they are; only their folder differs
+(``%(here)s`` points at a temp dir holding a copy and a link to the repo's
+.venv), so a test never touches a pool the user runs from the repo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from workers.errors import OrderError
+from workers.processing import attempt_fails, price_cents, validate
+from workers.serde import OrderSerde
+
+REPO = Path(__file__).resolve().parent.parent
+ORDERS = str(REPO / ".venv" / "bin" / "orders")
+
+
+def run_orders(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the ``orders`` CLI with exactly ``env`` (plus PATH) and return its output."""
+    full = {"PATH": os.environ["PATH"], **env}
+    result = subprocess.run([ORDERS, *args], env=full, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"orders {' '.join(args)} exited {result.returncode}: {result.stderr[-3000:]}")
+    return result
+
+
+class SupervisedPool:
+    """supervisord with the repo's supervisor.conf, in its own folder."""
+
+    def __init__(self, env: dict, folder: Path):
+        self.env = {"PATH": os.environ["PATH"], **env}
+        self.folder = folder
+        shutil.copy(REPO / "supervisor.conf", folder / "supervisor.conf")
+        (folder / ".venv").symlink_to(REPO / ".venv")
+        (folder / "run").mkdir()
+        self.ctl_base = [str(REPO / ".venv/bin/supervisorctl"), "-c", str(folder / "supervisor.conf")]
+
+    def start(self, timeout: float = 60) -> None:
+        subprocess.run([str(REPO / ".venv/bin/supervisord"), "-c", str(self.folder / "supervisor.conf")],
+                       env=self.env, check=True, cwd=self.folder)
+        self.wait_all_running(timeout)
+
+    def ctl(self, *args: str, check: bool = False) -> str:
+        result = subprocess.run([*self.ctl_base, *args], capture_output=True, text=True, env=self.env, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"supervisorctl {args}: {result.stdout} {result.stderr}")
+        return result.stdout
+
+    def statuses(self) -> dict[str, str]:
+        out = {}
+        for line in self.ctl("status").splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                out[parts[0]] = parts[1]
+        return out
+
+    def wait_all_running(self, timeout: float = 60) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        statuses = {}
+        while time.monotonic() < deadline:
+            statuses = self.statuses()
+            if len(statuses) == 6 and all(s == "RUNNING" for s in statuses.values()):
+                return statuses
+            time.sleep(0.5)
+        raise AssertionError(f"not all programs RUNNING: {statuses}\n{self.logs()}")
+
+    def pid(self, name: str) -> int:
+        return int(self.ctl("pid", name).strip())
+
+    def kill(self, name: str, sig: signal.Signals) -> int:
+        pid = self.pid(name)
+        os.kill(pid, sig)
+        return pid
+
+    def logs(self, tail: int = 30) -> str:
+        chunks = []
+        for path in sorted((self.folder / "run").glob("*.log")):
+            lines = path.read_text(errors="replace").splitlines()[-tail:]
+            chunks.append(f"--- {path.name}\n" + "\n".join(lines))
+        return "\n".join(chunks)
+
+    def stop(self) -> None:
+        pidfile = self.folder / "run" / "supervisord.pid"
+        if not pidfile.exists():
+            return
+        pid = int(pidfile.read_text())
+        self.ctl("shutdown")
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30) -> list:
+    """Every committed message of ``topic``, from the start to its current end."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,
+                         "isolation.level": "read_committed"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        parts = sorted(meta.partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None:
+                    out.append(msg)
+            positions = consumer.position([TopicPartition(topic, p) for p in parts])
+            if all(tp.offset >= ends[tp.partition] or ends[tp.partition] == 0 for tp in positions):
+                return out
+        raise AssertionError(f"could not read {topic} to its end")
+    finally:
+        consumer.close()
+
+
+class Truth:
+    """What the aggregate must be, computed from the orders topic itself."""
+
+    def __init__(self, orders: list, serde: OrderSerde, settings):
+        self.decoded: dict[str, dict] = {}
+        self.undecodable = 0
+        self.expected_dead: set[str] = set()
+        self.cents_by_partition: dict[int, int] = {}
+        self.count_by_partition: dict[int, int] = {}
+        self.total = len(orders)
+        for msg in orders:
+            try:
+                order = serde.decode(msg.value())
+                validate(order, max_price=settings.max_price)
+            except OrderError:
+                self.undecodable += 1
+                continue
+            self.decoded[order["orderId"]] = order
+            if all(attempt_fails(order["orderId"], a, settings.failure_rate) for a in range(1, settings.max_attempts + 1)):
+                self.expected_dead.add(order["orderId"])
+                continue
+            p = msg.partition()
+            self.count_by_partition[p] = self.count_by_partition.get(p, 0) + 1
+            self.cents_by_partition[p] = self.cents_by_partition.get(p, 0) + price_cents(order)
+
+    @property
+    def count(self) -> int:
+        return sum(self.count_by_partition.values())
+
+    @property
+    def cents(self) -> int:
+        return sum(self.cents_by_partition.values())
+
+
+def stats(env: dict) -> dict:
+    return json.loads(run_orders(env, "stats", "--json").stdout)
+
+
+def dead_letters(env: dict) -> list[dict]:
+    return [json.loads(line) for line in run_orders(env, "dlq", "--json").stdout.splitlines() if line.strip()]
+
+
+def wait_until_quiet(env: dict, expected_count: int, expected_dead: int, timeout: float = 120) -> tuple[dict, list]:
+    """Poll stats and the DLQ until they reach the expected totals and stay there."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        s = stats(env)
+        if s["count"] >= expected_count:
+            dlq = dead_letters(env)
+            if s["count"] == expected_count and len(dlq) >= expected_dead:
+                time.sleep(2)  # and nothing more arrives
+                s2, dlq2 = stats(env), dead_letters(env)
+                if s2 == s and len(dlq2) == len(dlq):
+                    return s2, dlq2
+            last = (s["count"], len(dlq))
+        else:
+            last = (s["count"], None)
+        time.sleep(1)
+    raise AssertionError(f"not quiet after {timeout}s: (count, dlq)={last}, expected ({expected_count}, {expected_dead})")
