@@ -63,12 +63,13 @@ class SupervisedPool:
                 out[parts[0]] = parts[1]
         return out
 
-    def wait_all_running(self, timeout: float = 60) -> dict[str, str]:
+    def wait_all_running(self, timeout: float = 60, stopped: tuple[str, ...] = ()) -> dict[str, str]:
+        """Wait until every program is RUNNING (except those the test ``stopped``)."""
         deadline = time.monotonic() + timeout
         statuses = {}
         while time.monotonic() < deadline:
             statuses = self.statuses()
-            if len(statuses) == 6 and all(s == "RUNNING" for s in statuses.values()):
+            if len(statuses) == 6 and all(s == "RUNNING" for n, s in statuses.items() if n not in stopped):
                 return statuses
             time.sleep(0.5)
         raise AssertionError(f"not all programs RUNNING: {statuses}\n{self.logs()}")

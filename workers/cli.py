@@ -167,6 +167,8 @@ def retry(settings: Settings) -> None:
 def dlq(settings: Settings, follow: bool, limit: int | None, as_json: bool) -> None:
     """Show the dead letters (from the start of the DLQ topic)."""
     stop = StopFlag().install()
+    if follow:
+        _bootstrap(settings, stop)  # following a topic that is not there yet would end at once
     consumer = make_consumer(settings, settings.group_id("dlq-viewer"))
     shown = 0
     try:

@@ -101,7 +101,7 @@ def test_supervised_pool_counts_every_order_once(pool, pool_env):
     finally:
         if producing.poll() is None:
             producing.kill()
-    pool.wait_all_running()
+    pool.wait_all_running(stopped=("producer",))
     truth = check_invariants(pool_env, settings)
     assert truth.total >= 9000
     log = (pool.folder / "run" / "consumer-1.log").read_text()
