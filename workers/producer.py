@@ -85,6 +85,8 @@ def produce_orders(producer: Producer, serde: OrderSerde, topic: str, *, count: 
         if stop() or (count and sent >= count):
             break
         limiter.wait(producer)
+        if stop():
+            break
         value = serde.encode(order)
         while True:
             try:
