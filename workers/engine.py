@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from .clients import wait_for
+from .latency import LatencyHistogram
 from .envelope import Provenance, dead_letter_headers, retry_headers
 from .errors import OrderError, OrdersError, PermanentError, ServiceUnavailable, TransientError
 from .processing import Downstream, backoff_ms, price_cents, validate
@@ -69,8 +70,7 @@ class BatchPlan:
 
     batches: dict[Source, SourceBatch] = field(default_factory=dict)
     out: list[OutMessage] = field(default_factory=list)
-    counted: int = 0
-    latest_timestamp_ms: int = 0
+    timestamps_ms: list[int] = field(default_factory=list)  # of counted messages, for latency
 
     def batch_for(self, source: Source, expect_state: bool) -> SourceBatch:
         batch = self.batches.get(source)
@@ -179,6 +179,7 @@ class BatchWorker:
         self._batches_since_log = 0
         self._last_log = time.monotonic()
         self._total = None
+        self.latency = LatencyHistogram()
 
     # -- hooks ---------------------------------------------------------------------
     def plan(self, messages: Sequence[Message]) -> BatchPlan:
@@ -264,6 +265,8 @@ class BatchWorker:
         heartbeat = self._heartbeat()
         results = wait_for(lambda: self.store.apply(batches, worker=self.name, heartbeat=heartbeat, now_ms=now_ms()),
                            "redis", should_stop=self.stop)
+        applied_at = now_ms()
+        self.latency.record(applied_at - ts for ts in plan.timestamps_ms)
         lost = {r.source for r in results if not r.state_found}
         for batch in batches:
             if batch.source not in lost:
@@ -359,7 +362,8 @@ class BatchWorker:
         return good
 
     def _heartbeat(self) -> dict:
-        return {"pid": os.getpid(), "at_ms": now_ms(), "positions": {str(s): p for s, p in self.position.items()}}
+        return {"pid": os.getpid(), "at_ms": now_ms(), "positions": {str(s): p for s, p in self.position.items()},
+                "latency": self.latency.as_dict()}
 
     def _housekeeping(self) -> None:
         now = time.monotonic()

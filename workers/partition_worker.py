@@ -40,6 +40,7 @@ class PartitionWorker(BatchWorker):
             cents, out, order = self.decider.attempt(msg, FIRST_ATTEMPT, provenance=None)
             if cents is not None:
                 batch.items.append((offset, self.partition, cents))
+                plan.timestamps_ms.append(msg.timestamp()[1])
                 log.debug("counted partition=%d offset=%d order_id=%s cents=%d",
                           self.partition, offset, order["orderId"], cents)
             elif self.needs_side_effects(self.source, offset):

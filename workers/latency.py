@@ -1,0 +1,61 @@
+"""Produce-to-counted latency, kept as a sparse histogram (1 ms steps below 100 ms).
+
+Each worker publishes its histogram in its heartbeat (no extra round trip), so
+``orders status`` and the benchmark can report p50/p99/max across workers.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+
+def bucket(ms: int) -> int:
+    """The histogram bucket (its upper bound, in ms) that ``ms`` falls in."""
+    if ms <= 100:
+        return max(ms, 0)
+    if ms <= 1000:
+        return -(-ms // 10) * 10
+    if ms <= 10000:
+        return -(-ms // 100) * 100
+    return -(-ms // 1000) * 1000
+
+
+class LatencyHistogram:
+    def __init__(self):
+        self.counts: dict[int, int] = {}
+        self.max_ms = 0
+
+    def record(self, latencies_ms: Iterable[int]) -> None:
+        counts = self.counts
+        for ms in latencies_ms:
+            b = bucket(ms)
+            counts[b] = counts.get(b, 0) + 1
+            if ms > self.max_ms:
+                self.max_ms = ms
+
+    def as_dict(self) -> dict:
+        return {"buckets": {str(k): v for k, v in self.counts.items()}, "max_ms": self.max_ms}
+
+
+def merge(histograms: Iterable[Mapping]) -> dict:
+    """Merge ``as_dict()`` histograms and summarise them: count, p50, p99, max (ms)."""
+    counts: dict[int, int] = {}
+    max_ms = 0
+    for h in histograms:
+        for k, v in h.get("buckets", {}).items():
+            counts[int(k)] = counts.get(int(k), 0) + v
+        max_ms = max(max_ms, h.get("max_ms", 0))
+    total = sum(counts.values())
+    return {"count": total, "p50_ms": _quantile(counts, total, 0.50), "p99_ms": _quantile(counts, total, 0.99),
+            "max_ms": max_ms if total else None}
+
+
+def _quantile(counts: dict[int, int], total: int, q: float) -> int | None:
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for k in sorted(counts):
+        seen += counts[k]
+        if seen >= rank:
+            return k
+    return max(counts)
