@@ -77,15 +77,21 @@ def init(settings: Settings) -> None:
 @click.option("--seed", type=int, default=None, help="Seed for products and prices (ids stay unique).")
 @click.option("--record", type=click.File("w"), default=None,
               help="Write each delivered order as a JSON line to this file.")
+@click.option("--schema", "schema_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Write with this Avro schema (a compatible evolution of the Order schema).")
 @click.pass_obj
-def produce(settings: Settings, count: int, rate: float | None, seed: int | None, record) -> None:
+def produce(settings: Settings, count: int, rate: float | None, seed: int | None, record,
+            schema_path: str | None) -> None:
     """Produce random orders to the orders topic."""
     stop = StopFlag().install()
     if rate is None:
         rate = 0.0 if count else settings.produce_rate
     _bootstrap(settings, stop)
     serde = _serde(settings)
-    wait_for(lambda: serde.register(settings.orders_topic), "schema registry", should_stop=stop)
+    writer_schema = load_schema(schema_path) if schema_path else None
+    schema_id = wait_for(lambda: serde.register(settings.orders_topic, writer_schema), "schema registry",
+                         should_stop=stop)
+    log.info("writing with schema id=%d subject=%s-value", schema_id, settings.orders_topic)
     producer = make_producer(settings)
     tally = DeliveryTally(record=record)
     log.info("producing count=%s rate=%s topic=%s %s", count or "unbounded", rate or "unlimited",

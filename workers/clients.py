@@ -54,6 +54,8 @@ def producer_conf(settings: Settings, *, transactional_id: str | None = None, **
         "compression.type": "lz4",
         "batch.num.messages": 10000,
         "queue.buffering.max.messages": 500000,
+        # room for a dead-lettered value at the orders topic's size limit plus headers
+        "message.max.bytes": 9 * 1024 * 1024,
     })
     if transactional_id:
         conf["transactional.id"] = transactional_id

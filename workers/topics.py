@@ -12,6 +12,9 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 METADATA_TIMEOUT_S = 10
+# Retry and DLQ messages carry the original value plus headers: give them room
+# for the largest value the orders topic can hold, so no order is too big to park.
+PARKING_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def wanted_topics(settings: Settings) -> dict[str, int]:
@@ -32,6 +35,13 @@ def partition_counts(admin: AdminClient) -> dict[str, int]:
     return {name: len(topic.partitions) for name, topic in metadata.topics.items() if topic.error is None}
 
 
+def topic_config(settings: Settings, name: str) -> dict[str, str]:
+    config = {"retention.ms": str(settings.retention_ms)}
+    if name != settings.orders_topic:
+        config["max.message.bytes"] = str(PARKING_MAX_MESSAGE_BYTES)
+    return config
+
+
 def ensure_topics(admin: AdminClient, settings: Settings) -> list[str]:
     """Create the missing topics; returns their names.
 
@@ -49,8 +59,8 @@ def ensure_topics(admin: AdminClient, settings: Settings) -> list[str]:
     missing = [name for name in wanted if name not in existing]
     if not missing:
         return []
-    config = {"retention.ms": str(settings.retention_ms)}
-    new = [NewTopic(name, num_partitions=wanted[name], replication_factor=settings.replication_factor, config=config)
+    new = [NewTopic(name, num_partitions=wanted[name], replication_factor=settings.replication_factor,
+                    config=topic_config(settings, name))
            for name in missing]
     created = []
     for name, future in admin.create_topics(new, operation_timeout=METADATA_TIMEOUT_S).items():
