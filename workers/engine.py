@@ -31,12 +31,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from .clients import wait_for
 from .latency import LatencyHistogram
-from .envelope import Provenance, dead_letter_headers, retry_headers
+from .envelope import REPLAY_OF, Provenance, dead_letter_headers, retry_headers
 from .errors import OrderError, OrdersError, PermanentError, ServiceUnavailable, TransientError
 from .processing import Downstream, backoff_ms, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
-from .store import AggregateStore, Source, SourceBatch
+from .store import DEAD, RETRIED, AggregateStore, Source, SourceBatch
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class OutMessage:
     key: bytes | None
     value: bytes | None
     headers: list
+    kind: int  # store.DEAD or store.RETRIED
 
 
 @dataclass
@@ -105,7 +106,8 @@ class Decider:
     def _origin(self, msg: Message, provenance: Provenance | None) -> Provenance:
         if provenance is not None:
             return provenance
-        return Provenance(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], now_ms())
+        return Provenance(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], now_ms(),
+                          replay_of=replay_of(msg))
 
     def _retry(self, msg: Message, exc: OrderError, next_attempt: int, provenance: Provenance | None) -> OutMessage:
         delay = backoff_ms(next_attempt - 1, self._settings.retry_backoff_ms, self._settings.retry_backoff_multiplier)
@@ -114,7 +116,8 @@ class Decider:
                                 error_type=exc.error_type, error_message=str(exc))
         log.info("retry scheduled topic=%s partition=%d offset=%d key=%s attempt=%d delay_ms=%d error=%s",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), next_attempt, delay, exc.error_type)
-        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.retry_topic, msg.key(), msg.value(), headers)
+        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.retry_topic, msg.key(), msg.value(),
+                          headers, RETRIED)
 
     def _dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None) -> OutMessage:
         origin = self._origin(msg, provenance)
@@ -122,10 +125,19 @@ class Decider:
                                       error_message=str(exc), dead_lettered_at_ms=now_ms())
         log.info("dead letter topic=%s partition=%d offset=%d key=%s attempts=%d error_type=%s error=%r",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), attempts, exc.error_type, str(exc))
-        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, msg.key(), msg.value(), headers)
+        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, msg.key(), msg.value(),
+                          headers, DEAD)
 
     def dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None = None) -> OutMessage:
         return self._dead_letter(msg, exc, attempts, provenance)
+
+
+def replay_of(msg: Message) -> str | None:
+    """The dead letter a message on ``orders`` replays (its REPLAY_OF header), if any."""
+    for name, value in msg.headers() or ():
+        if name == REPLAY_OF and value:
+            return value.decode("utf-8", "replace")
+    return None
 
 
 def message_key(msg: Message) -> str:

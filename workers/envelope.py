@@ -49,6 +49,7 @@ class Provenance:
     offset: int
     timestamp_ms: int
     first_failed_at_ms: int
+    replay_of: str | None = None  # set when the order is a replayed dead letter
 
     def headers(self) -> dict[str, object]:
         return {
@@ -57,6 +58,7 @@ class Provenance:
             ORIGINAL_OFFSET: self.offset,
             ORIGINAL_TIMESTAMP: self.timestamp_ms,
             FIRST_FAILED_AT: self.first_failed_at_ms,
+            REPLAY_OF: self.replay_of,
         }
 
     @classmethod
@@ -68,6 +70,7 @@ class Provenance:
             offset=_required(h, ORIGINAL_OFFSET, int),
             timestamp_ms=_required(h, ORIGINAL_TIMESTAMP, int),
             first_failed_at_ms=_required(h, FIRST_FAILED_AT, int),
+            replay_of=h.get(REPLAY_OF) or None,
         )
 
 

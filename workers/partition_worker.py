@@ -13,7 +13,7 @@ from typing import Sequence
 from confluent_kafka import Message
 
 from .clients import wait_for
-from .engine import BatchPlan, BatchWorker
+from .engine import BatchPlan, BatchWorker, replay_of
 from .store import Source
 
 log = logging.getLogger(__name__)
@@ -39,11 +39,15 @@ class PartitionWorker(BatchWorker):
             offset = msg.offset()
             cents, out, order = self.decider.attempt(msg, FIRST_ATTEMPT, provenance=None)
             if cents is not None:
-                batch.items.append((offset, self.partition, cents))
+                # A replayed dead letter counts once per orderId, however often it is replayed.
+                tag = order["orderId"] if replay_of(msg) else ""
+                batch.count(offset, self.partition, cents, tag)
                 plan.timestamps_ms.append(msg.timestamp()[1])
                 log.debug("counted partition=%d offset=%d order_id=%s cents=%d",
                           self.partition, offset, order["orderId"], cents)
-            elif self.needs_side_effects(self.source, offset):
-                plan.out.append(out)
+            else:
+                batch.park(offset, out.kind)
+                if self.needs_side_effects(self.source, offset):
+                    plan.out.append(out)
             batch.to_offset = offset + 1
         return plan

@@ -94,16 +94,21 @@ class RetryWorker(BatchWorker):
             try:
                 attempt, _ = retry_attempt(headers)
                 provenance = Provenance.from_headers(headers)
+                if not 0 <= provenance.partition < self.settings.partitions:
+                    raise MalformedEnvelope(f"original partition {provenance.partition} does not exist")
             except MalformedEnvelope as exc:
                 cents, out = None, self.decider.dead_letter(msg, MalformedRetry(str(exc)), attempts=0)
             else:
-                cents, out, _ = self.decider.attempt(msg, attempt, provenance)
+                cents, out, order = self.decider.attempt(msg, attempt, provenance)
                 if cents is not None:
-                    batch.items.append((offset, provenance.partition, cents))
+                    tag = order["orderId"] if provenance.replay_of else ""
+                    batch.count(offset, provenance.partition, cents, tag)
                     log.info("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
                              message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
-            if cents is None and self.needs_side_effects(source, offset):
-                plan.out.append(out)
+            if cents is None:
+                batch.park(offset, out.kind)
+                if self.needs_side_effects(source, offset):
+                    plan.out.append(out)
             batch.to_offset = offset + 1
 
     def _pause_waiting(self) -> None:

@@ -19,13 +19,16 @@ import redis
 
 from .errors import ServiceUnavailable
 
-# KEYS: source, total, heartbeat, target_0 .. target_k
-# ARGV: expect_state, to_offset, heartbeat_value, heartbeat_ttl_ms, now_ms,
-#       then (offset, target index, cents) per counted message, in offset order.
-# Returns {status, counted, offset, total count, total cents}: status 1 applied, 0 state missing (when
-# expected: Redis lost it, the worker must rebuild from the log).
+# KEYS: source, total, heartbeat, replayed-orders set, target_0 .. target_k
+# ARGV: expect_state, to_offset, heartbeat_value, heartbeat_ttl_ms, now_ms, then
+#       per message at or past the stored offset's candidates, in offset order:
+#       (offset, code, cents, replay tag). code >= 0: counted into target <code>;
+#       -1: dead-lettered; -2: sent to the retry topic. A non-empty replay tag
+#       (the orderId of a replayed dead letter) counts only the first time.
+# Returns {status, counted, offset, total count, total cents}: status 1 applied,
+# 0 state missing where the worker expected some (Redis lost it: rebuild).
 _APPLY = """
-local src, total, hb = KEYS[1], KEYS[2], KEYS[3]
+local src, total, hb, replayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 redis.call('SET', hb, ARGV[3], 'PX', ARGV[4])
 local stored = redis.call('HGET', src, 'offset')
 if not stored then
@@ -35,19 +38,27 @@ else
   stored = tonumber(stored)
 end
 local counts, cents = {}, {}
-local counted, counted_cents = 0, 0
-for i = 6, #ARGV, 3 do
+local counted, counted_cents, dead, retried, duplicates = 0, 0, 0, 0, 0
+for i = 6, #ARGV, 4 do
   if tonumber(ARGV[i]) >= stored then
-    local t = tonumber(ARGV[i + 1])
-    local c = tonumber(ARGV[i + 2])
-    counts[t] = (counts[t] or 0) + 1
-    cents[t] = (cents[t] or 0) + c
-    counted = counted + 1
-    counted_cents = counted_cents + c
+    local code = tonumber(ARGV[i + 1])
+    if code == -1 then
+      dead = dead + 1
+    elseif code == -2 then
+      retried = retried + 1
+    elseif ARGV[i + 3] ~= '' and redis.call('SADD', replayed, ARGV[i + 3]) == 0 then
+      duplicates = duplicates + 1
+    else
+      local c = tonumber(ARGV[i + 2])
+      counts[code] = (counts[code] or 0) + 1
+      cents[code] = (cents[code] or 0) + c
+      counted = counted + 1
+      counted_cents = counted_cents + c
+    end
   end
 end
 for t, n in pairs(counts) do
-  local key = KEYS[4 + t]
+  local key = KEYS[5 + t]
   redis.call('HINCRBY', key, 'count', n)
   redis.call('HINCRBY', key, 'cents', string.format('%d', cents[t]))
 end
@@ -55,6 +66,9 @@ if counted > 0 then
   redis.call('HINCRBY', total, 'count', counted)
   redis.call('HINCRBY', total, 'cents', string.format('%d', counted_cents))
 end
+if dead > 0 then redis.call('HINCRBY', total, 'dead_lettered', dead) end
+if retried > 0 then redis.call('HINCRBY', total, 'retried', retried) end
+if duplicates > 0 then redis.call('HINCRBY', total, 'duplicate_replays', duplicates) end
 local to_offset = tonumber(ARGV[2])
 if to_offset > stored then
   redis.call('HSET', src, 'offset', ARGV[2])
@@ -89,14 +103,28 @@ class Source:
         return f"{self.topic}:{self.partition}"
 
 
+DEAD = -1
+RETRIED = -2
+
+
 @dataclass
 class SourceBatch:
-    """What one batch of one source adds: counted items and the offset after it."""
+    """What one batch of one source adds, and the offset after it.
+
+    ``items`` are (offset, target partition or DEAD/RETRIED, cents, replay tag).
+    """
 
     source: Source
     to_offset: int
     expect_state: bool
-    items: list[tuple[int, int, int]] = field(default_factory=list)  # (offset, target partition, cents)
+    items: list[tuple[int, int, int, str]] = field(default_factory=list)
+
+    def count(self, offset: int, target: int, cents: int, replay_of: str = "") -> None:
+        self.items.append((offset, target, cents, replay_of))
+
+    def park(self, offset: int, kind: int) -> None:
+        """Record a dead-lettered (DEAD) or retried (RETRIED) message."""
+        self.items.append((offset, kind, 0, ""))
 
 
 @dataclass(frozen=True)
@@ -112,6 +140,9 @@ class ApplyResult:
 class Totals:
     count: int
     cents: int
+    dead_lettered: int = 0
+    retried: int = 0
+    duplicate_replays: int = 0
 
     @property
     def sum(self) -> float:
@@ -151,6 +182,14 @@ class AggregateStore:
     def total_key(self) -> str:
         return self._key("total")
 
+    @property
+    def replayed_key(self) -> str:
+        return self._key("replayed-orders")
+
+    @property
+    def replays_key(self) -> str:
+        return self._key("replays")
+
     # -- updates ---------------------------------------------------------------
     def apply(self, batches: Sequence[SourceBatch], *, worker: str, heartbeat: dict,
               now_ms: int) -> list[ApplyResult]:
@@ -159,13 +198,13 @@ class AggregateStore:
         try:
             pipe = self._redis.pipeline(transaction=False)
             for batch in batches:
-                targets = sorted({target for _, target, _ in batch.items})
+                targets = sorted({target for _, target, _, _ in batch.items if target >= 0})
                 index = {target: i for i, target in enumerate(targets)}
                 args: list = ["1" if batch.expect_state else "0", batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms]
-                for offset, target, cents in batch.items:
-                    args.extend((offset, index[target], cents))
+                for offset, target, cents, tag in batch.items:
+                    args.extend((offset, index[target] if target >= 0 else target, cents, tag))
                 keys = [self.source_key(batch.source), self.total_key, self.heartbeat_key(worker),
-                        *(self.partition_key(t) for t in targets)]
+                        self.replayed_key, *(self.partition_key(t) for t in targets)]
                 self._apply(keys=keys, args=args, client=pipe)
             replies = pipe.execute()
         except _REDIS_DOWN as exc:
@@ -232,4 +271,5 @@ class AggregateStore:
 
 
 def _totals(raw: dict) -> Totals:
-    return Totals(count=int(raw.get(b"count", 0)), cents=int(raw.get(b"cents", 0)))
+    return Totals(**{f: int(raw.get(f.encode(), 0)) for f in
+                     ("count", "cents", "dead_lettered", "retried", "duplicate_replays")})

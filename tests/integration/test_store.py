@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from workers.errors import ServiceUnavailable
-from workers.store import AggregateStore, Source, SourceBatch
+from workers.store import DEAD, AggregateStore, Source, SourceBatch
 
 SRC = Source("orders", 0)
 
@@ -23,7 +23,7 @@ def apply(store, batch):
 
 
 def test_batch_counts_and_moves_the_offset(store):
-    r = apply(store, SourceBatch(SRC, to_offset=3, expect_state=False, items=[(0, 0, 1000), (2, 1, 250)]))
+    r = apply(store, SourceBatch(SRC, to_offset=3, expect_state=False, items=[(0, 0, 1000, ""), (2, 1, 250, "")]))
     assert (r.state_found, r.counted, r.offset) == (True, 2, 3)
     snap = store.snapshot(3)
     assert snap["total"].count == 2 and snap["total"].cents == 1250
@@ -32,7 +32,7 @@ def test_batch_counts_and_moves_the_offset(store):
 
 
 def test_replaying_a_batch_changes_nothing(store):
-    batch = SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100), (1, 0, 200)])
+    batch = SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100, ""), (1, 0, 200, "")])
     apply(store, batch)
     before = store.snapshot(1)
     again = apply(store, batch)
@@ -41,21 +41,21 @@ def test_replaying_a_batch_changes_nothing(store):
 
 
 def test_overlapping_batch_counts_only_the_new_part(store):
-    apply(store, SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100), (1, 0, 200)]))
-    r = apply(store, SourceBatch(SRC, to_offset=4, expect_state=True, items=[(1, 0, 200), (3, 0, 5)]))
+    apply(store, SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100, ""), (1, 0, 200, "")]))
+    r = apply(store, SourceBatch(SRC, to_offset=4, expect_state=True, items=[(1, 0, 200, ""), (3, 0, 5, "")]))
     assert r.counted == 1
     assert store.snapshot(1)["total"].cents == 305
 
 
 def test_lost_state_is_reported_not_overwritten(store):
-    r = apply(store, SourceBatch(SRC, to_offset=9, expect_state=True, items=[(8, 0, 100)]))
+    r = apply(store, SourceBatch(SRC, to_offset=9, expect_state=True, items=[(8, 0, 100, "")]))
     assert not r.state_found
     assert store.snapshot(1)["total"].count == 0
     assert store.positions([SRC]) == {SRC: None}
 
 
 def test_large_sums_stay_exact(store):
-    items = [(i, 0, 99999999) for i in range(1000)]
+    items = [(i, 0, 99999999, "") for i in range(1000)]
     apply(store, SourceBatch(SRC, to_offset=1000, expect_state=False, items=items))
     apply(store, SourceBatch(Source("orders", 1), to_offset=1000, expect_state=False, items=items))
     assert store.snapshot(1)["total"].cents == 2 * 1000 * 99999999
@@ -88,7 +88,7 @@ def test_aof_keeps_state_across_a_redis_restart(tmp_path):
     proc, client = start()
     try:
         store = AggregateStore(client, "aof")
-        apply(store, SourceBatch(SRC, to_offset=5, expect_state=False, items=[(4, 0, 4242)]))
+        apply(store, SourceBatch(SRC, to_offset=5, expect_state=False, items=[(4, 0, 4242, "")]))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
@@ -100,3 +100,14 @@ def test_aof_keeps_state_across_a_redis_restart(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+def test_replayed_order_counts_once(store):
+    batch = SourceBatch(SRC, to_offset=3, expect_state=False)
+    batch.count(0, 0, 100, replay_of="order-1")
+    batch.count(1, 0, 100, replay_of="order-1")   # the same dead letter replayed again
+    batch.park(2, DEAD)
+    r = apply(store, batch)
+    assert r.counted == 1
+    total = store.snapshot(1)["total"]
+    assert (total.count, total.dead_lettered, total.duplicate_replays) == (1, 1, 1)
