@@ -5,20 +5,22 @@ import json
 import logging
 import os
 import sys
+import time
 
 import click
 
 from . import logs
 from .clients import (describe_servers, make_admin, make_consumer, make_producer, make_redis, make_registry,
                       wait_for)
-from .dlq import read_dead_letters
-from .engine import StopFlag
-from .errors import ConfigError, OrdersError
+from .dlq import Filters, ReplayFailed, parse_since, read_dead_letters, replay, summarize
+from .engine import StopFlag, now_ms
+from .errors import ConfigError, OrdersError, ServiceUnavailable
 from .partition_worker import PartitionWorker
 from .producer import DeliveryTally, produce_orders
 from .retry_worker import RetryWorker
 from .serde import OrderSerde, load_schema
 from .settings import Settings
+from .status import StatusReader, render
 from .store import AggregateStore
 from .topics import ensure_topics, partition_counts
 
@@ -119,6 +121,15 @@ def _partition_from_env() -> int | None:
     return int(number) - 1 if number.isdigit() else None
 
 
+def _process_manager() -> str:
+    """Who runs this process: supervisor and honcho both say so in the environment."""
+    if os.environ.get("SUPERVISOR_PROCESS_NAME"):
+        return "supervisor"
+    if os.environ.get("HONCHO_PROCESS_NAME"):
+        return "honcho"
+    return "none"
+
+
 def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
     log.info("settings %s", settings.describe())
     worker = worker_cls(
@@ -128,6 +139,7 @@ def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
         store=AggregateStore(make_redis(settings), settings.redis_prefix),
         serde=_serde(settings),
         stop=stop,
+        manager=_process_manager(),
         **kwargs,
     )
     worker.run()
@@ -165,28 +177,113 @@ def retry(settings: Settings) -> None:
                 transactional_id=settings.transactional_id("retry"))
 
 
-@cli.command()
+def _filter_options(func):
+    """--error-type, --order-id and --since, shared by the viewer and replay."""
+    func = click.option("--since", default=None, metavar="WHEN",
+                        help="Only dead letters from this time on: 30m, 2h, 1d or an ISO 8601 time.")(func)
+    func = click.option("--order-id", "order_ids", multiple=True, help="Only this orderId (repeatable).")(func)
+    func = click.option("--error-type", "error_types", multiple=True,
+                        help="Only this error type, e.g. InvalidOrder (repeatable).")(func)
+    return func
+
+
+def _filters(error_types, order_ids, since) -> Filters:
+    try:
+        since_ms = parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(f"{since!r}: use 30m, 2h, 1d or an ISO 8601 time", param_hint="--since") from exc
+    return Filters(tuple(error_types), tuple(order_ids), since_ms)
+
+
+def _selected(settings: Settings, filters: Filters, *, follow: bool, stop, group: str):
+    """Yield the dead letters matching ``filters``; closes the consumer at the end."""
+    if follow:
+        _bootstrap(settings, stop)  # following a topic that is not there yet would end at once
+    consumer = make_consumer(settings, settings.group_id(group))
+    try:
+        for letter in read_dead_letters(consumer, settings.dlq_topic, _serde(settings), follow=follow, stop=stop):
+            if filters.match(letter):
+                yield letter
+    finally:
+        consumer.close()
+
+
+@cli.group(invoke_without_command=True)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new dead letters.")
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=None, help="Print at most N dead letters.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.pass_obj
-def dlq(settings: Settings, follow: bool, limit: int | None, as_json: bool) -> None:
-    """Show the dead letters (from the start of the DLQ topic)."""
+@click.option("--summary", is_flag=True, help="Counts by error type instead of the letters.")
+@_filter_options
+@click.pass_context
+def dlq(ctx: click.Context, follow: bool, limit: int | None, as_json: bool, summary: bool,
+        error_types, order_ids, since) -> None:
+    """Show the dead letters (from the start of the DLQ topic); `dlq replay` puts them back."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings: Settings = ctx.obj
     stop = StopFlag().install()
-    if follow:
-        _bootstrap(settings, stop)  # following a topic that is not there yet would end at once
-    consumer = make_consumer(settings, settings.group_id("dlq-viewer"))
+    filters = _filters(error_types, order_ids, since)
+    store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    replays = _replays_or_empty(store)
+    letters = _selected(settings, filters, follow=follow and not summary, stop=stop, group="dlq-viewer")
+    if summary:
+        data = summarize(letters, replays)
+        if as_json:
+            click.echo(json.dumps(data))
+        else:
+            click.echo(f"{data['total']} dead letter(s), {data['replayed']} replayed")
+            for error_type, row in data["by_error_type"].items():
+                click.echo(f"  {error_type:<24} {row['count']:>8}  replayed {row['replayed']}")
+        return
     shown = 0
-    try:
-        for letter in read_dead_letters(consumer, settings.dlq_topic, _serde(settings), follow=follow, stop=stop):
-            click.echo(json.dumps(letter.as_json()) if as_json else letter.as_line())
-            shown += 1
-            if limit is not None and shown >= limit:
-                break
-    finally:
-        consumer.close()
+    for letter in letters:
+        replay_record = replays.get(letter.id)
+        click.echo(json.dumps(letter.as_json(replay_record)) if as_json else letter.as_line(replay_record))
+        shown += 1
+        if limit is not None and shown >= limit:
+            break
     if not as_json and not follow:
         click.echo(f"{shown} dead letter(s)", err=True)
+
+
+def _replays_or_empty(store: AggregateStore) -> dict[str, dict]:
+    # The viewer must work while Redis is down: it just cannot mark replays then.
+    try:
+        return store.replays()
+    except ServiceUnavailable as exc:
+        log.warning("cannot read replay records reason=%s", exc)
+        return {}
+
+
+@dlq.command("replay")
+@_filter_options
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed; change nothing.")
+@click.option("--again", is_flag=True,
+              help="Also replay dead letters replayed before (still counted at most once).")
+@click.pass_obj
+def dlq_replay(settings: Settings, error_types, order_ids, since, dry_run: bool, again: bool) -> None:
+    """Re-publish the selected dead letters to the orders topic as fresh orders."""
+    stop = StopFlag().install()
+    filters = _filters(error_types, order_ids, since)
+    store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    replays = store.replays()
+    selected, skipped = [], 0
+    for letter in _selected(settings, filters, follow=False, stop=stop, group="dlq-replay"):
+        if letter.id in replays and not again:
+            skipped += 1
+            continue
+        selected.append(letter)
+    for letter in selected:
+        click.echo(("would replay " if dry_run else "replaying ") + letter.as_line())
+    note = f" ({skipped} already replayed; --again to include them)" if skipped else ""
+    if dry_run:
+        click.echo(f"dry run: {len(selected)} dead letter(s) would be replayed{note}")
+        return
+    delivered, errors = replay(selected, make_producer(settings), settings.orders_topic, now_ms=now_ms)
+    store.record_replays(delivered)
+    click.echo(f"replayed {len(delivered)} dead letter(s) to {settings.orders_topic}{note}")
+    if errors:
+        raise ReplayFailed(f"{len(errors)} replays were not delivered: {errors[:5]}")
 
 
 @cli.command()
@@ -204,6 +301,40 @@ def stats(settings: Settings, as_json: bool) -> None:
     click.echo(f"global   count={data['count']} sum={data['sum']:.2f} average={_fmt(data['average'])}")
     for part in data["partitions"]:
         click.echo(f"p{part['partition']:<7} count={part['count']} sum={part['sum']:.2f} average={_fmt(part['average'])}")
+
+
+@cli.command()
+@click.option("--watch", "-w", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between refreshes (and the window for orders/s).")
+@click.option("--json", "as_json", is_flag=True, help="Print the same data as JSON (one object per refresh).")
+@click.pass_obj
+def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> None:
+    """Is the pool healthy? Workers, counts, lag, rates, retries, DLQ, average."""
+    reader = StatusReader(settings, AggregateStore(make_redis(settings), settings.redis_prefix),
+                          make_consumer(settings, settings.group_id("status")))
+    color = sys.stdout.isatty() and not as_json
+    style = click.style if color else (lambda text, **kw: text)
+    try:
+        reader.snapshot()
+        time.sleep(min(interval, 1.0))  # a first window, so rates are known
+        while True:
+            data = reader.snapshot()
+            if as_json:
+                click.echo(json.dumps(data))
+            else:
+                if watch and color:
+                    click.clear()
+                click.echo("\n".join(render(data, style)))
+                if watch:
+                    click.echo(style(f"\nrefreshing every {interval:g}s, Ctrl-C to quit", dim=True))
+            if not watch:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends --watch: not an error
+    finally:
+        reader.consumer.close()
 
 
 def _fmt(value: float | None) -> str:

@@ -1,19 +1,23 @@
-"""The dead letter queue: reading dead letters back as records for people and scripts."""
+"""The dead letter queue: reading dead letters back, filtering, summarising, replaying."""
 from __future__ import annotations
 
 import base64
 import datetime as dt
 import logging
+import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from . import envelope as env
-from .errors import OrderError, ServiceUnavailable
+from .errors import OrderError, OrdersError, ServiceUnavailable
 from .serde import OrderSerde
 
 log = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class DeadLetter:
     topic: str
     partition: int
     offset: int
-    key: str | None
+    key: bytes | None
     order: dict | None
     raw: bytes | None
     headers: dict[str, str]
@@ -35,10 +39,21 @@ class DeadLetter:
             order = serde.decode(value)
         except OrderError:
             order = None
-        key = msg.key()
-        return cls(msg.topic(), msg.partition(), msg.offset(),
-                   key.decode("utf-8", "replace") if key is not None else None,
-                   order, value, env.header_dict(msg.headers()))
+        return cls(msg.topic(), msg.partition(), msg.offset(), msg.key(), order, value,
+                   env.header_dict(msg.headers()))
+
+    @property
+    def id(self) -> str:
+        """Where the dead letter sits: ``topic:partition:offset``."""
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+    @property
+    def error_type(self) -> str | None:
+        return self.headers.get(env.ERROR_TYPE)
+
+    @property
+    def dead_lettered_at_ms(self) -> int | None:
+        return self._int(env.DEAD_LETTERED_AT)
 
     def _int(self, name: str) -> int | None:
         try:
@@ -46,12 +61,13 @@ class DeadLetter:
         except (KeyError, ValueError):
             return None
 
-    def as_json(self) -> dict:
+    def as_json(self, replay: dict | None = None) -> dict:
         return {
+            "id": self.id,
             "order": self.order,
             "raw": base64.b64encode(self.raw).decode() if self.order is None and self.raw is not None else None,
-            "key": self.key,
-            "error_type": self.headers.get(env.ERROR_TYPE),
+            "key": self.key.decode("utf-8", "replace") if self.key is not None else None,
+            "error_type": self.error_type,
             "error_message": self.headers.get(env.ERROR_MESSAGE),
             "attempts": self._int(env.ATTEMPTS),
             "original_topic": self.headers.get(env.ORIGINAL_TOPIC),
@@ -59,26 +75,63 @@ class DeadLetter:
             "original_offset": self._int(env.ORIGINAL_OFFSET),
             "original_timestamp": _iso(self._int(env.ORIGINAL_TIMESTAMP)),
             "first_failed_at": _iso(self._int(env.FIRST_FAILED_AT)),
-            "dead_lettered_at": _iso(self._int(env.DEAD_LETTERED_AT)),
-            "dlq_partition": self.partition,
-            "dlq_offset": self.offset,
+            "dead_lettered_at": _iso(self.dead_lettered_at_ms),
+            "replay_of": self.headers.get(env.REPLAY_OF),
+            "replayed_at": _iso(replay["at_ms"]) if replay else None,
         }
 
-    def as_line(self) -> str:
-        d = self.as_json()
+    def as_line(self, replay: dict | None = None) -> str:
+        d = self.as_json(replay)
         if self.order is not None:
             what = f"order={self.order['orderId']} product={self.order['product']} price={self.order['price']}"
         else:
             size = len(self.raw) if self.raw is not None else 0
-            what = f"key={self.key or '-'} raw_bytes={size}"
-        return (f"{d['dead_lettered_at']}  {what}  error={d['error_type']}: {d['error_message']}  "
+            what = f"key={d['key'] or '-'} raw_bytes={size}"
+        line = (f"{d['dead_lettered_at']}  {what}  error={d['error_type']}: {d['error_message']}  "
                 f"attempts={d['attempts']}  from={d['original_topic']}[{d['original_partition']}]@{d['original_offset']}")
+        if d["replayed_at"]:
+            line += f"  REPLAYED {d['replayed_at']}"
+        return line
 
 
 def _iso(ms: int | None) -> str | None:
     if ms is None:
         return None
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> int:
+    """``30m``, ``2h``, ``1d`` ago, or an ISO 8601 time -> epoch ms; raises ValueError."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    match = _RELATIVE.match(text.strip())
+    if match:
+        return int((now.timestamp() - int(match.group(1)) * _UNIT_S[match.group(2)]) * 1000)
+    when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return int(when.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which dead letters an operator selected; empty fields select everything."""
+
+    error_types: tuple[str, ...] = ()
+    order_ids: tuple[str, ...] = ()
+    since_ms: int | None = None
+
+    def match(self, letter: DeadLetter) -> bool:
+        if self.error_types and letter.error_type not in self.error_types:
+            return False
+        if self.order_ids and (letter.order is None or letter.order["orderId"] not in self.order_ids):
+            return False
+        if self.since_ms is not None and (letter.dead_lettered_at_ms or 0) < self.since_ms:
+            return False
+        return True
 
 
 def read_dead_letters(consumer: Consumer, topic: str, serde: OrderSerde, *, follow: bool,
@@ -92,16 +145,16 @@ def read_dead_letters(consumer: Consumer, topic: str, serde: OrderSerde, *, foll
         metadata = consumer.list_topics(topic, timeout=10)
     except KafkaException as exc:
         raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-    partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
-    if not partitions or metadata.topics[topic].error is not None:
+    meta = metadata.topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
         return
+    partitions = sorted(meta.partitions)
     ends = {}
     for p in partitions:
         try:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
         except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-        ends[p] = high
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     done = {p for p, high in ends.items() if high == 0}
     while not stop() and (follow or len(done) < len(partitions)):
@@ -118,3 +171,51 @@ def read_dead_letters(consumer: Consumer, topic: str, serde: OrderSerde, *, foll
             for tp in consumer.position([TopicPartition(topic, p) for p in partitions]):
                 if tp.offset >= ends[tp.partition]:
                     done.add(tp.partition)
+
+
+def summarize(letters: Iterable[DeadLetter], replays: dict[str, dict]) -> dict:
+    """Counts by error type, and how many of each were replayed."""
+    by_type: Counter = Counter()
+    replayed: Counter = Counter()
+    for letter in letters:
+        by_type[letter.error_type or "unknown"] += 1
+        if letter.id in replays:
+            replayed[letter.error_type or "unknown"] += 1
+    return {"total": sum(by_type.values()), "replayed": sum(replayed.values()),
+            "by_error_type": {t: {"count": n, "replayed": replayed[t]} for t, n in by_type.most_common()}}
+
+
+class ReplayFailed(OrdersError):
+    """Kafka did not acknowledge some replayed dead letters."""
+
+
+def replay(letters: Iterable[DeadLetter], producer: Producer, orders_topic: str, *,
+           now_ms: Callable[[], int]) -> tuple[dict[str, dict], list[str]]:
+    """Publish dead letters to the orders topic as fresh orders.
+
+    Each copy carries the header ``orders.replay.of`` = the dead letter's id, so
+    the workers count a replayed order once however often it is replayed.
+    Returns (dead letter id -> replay record for each delivered copy, delivery errors).
+    """
+    delivered: dict[str, dict] = {}
+    errors: list[str] = []
+
+    def report(letter_id: str):
+        def on_delivery(err: KafkaError | None, msg) -> None:
+            if err is not None:
+                errors.append(f"{letter_id}: {err.str()}")
+            else:
+                delivered[letter_id] = {"at_ms": now_ms(), "partition": msg.partition(), "offset": msg.offset()}
+        return on_delivery
+
+    for letter in letters:
+        while True:
+            try:
+                producer.produce(orders_topic, key=letter.key, value=letter.raw,
+                                 headers=[(env.REPLAY_OF, letter.id.encode())], on_delivery=report(letter.id))
+                break
+            except BufferError:
+                producer.poll(0.1)  # local queue full
+        producer.poll(0)
+    producer.flush(FLUSH_TIMEOUT_S)
+    return delivered, errors

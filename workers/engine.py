@@ -173,8 +173,9 @@ class BatchWorker:
     name = "worker"
 
     def __init__(self, settings: Settings, *, consumer: Consumer, producer: Producer,
-                 store: AggregateStore, serde: OrderSerde, stop: Callable[[], bool]):
+                 store: AggregateStore, serde: OrderSerde, stop: Callable[[], bool], manager: str = "none"):
         self.settings = settings
+        self.manager = manager  # supervisor, honcho or none: shown by `orders status`
         self.consumer = consumer
         self.producer = producer
         self.store = store
@@ -374,8 +375,13 @@ class BatchWorker:
         return good
 
     def _heartbeat(self) -> dict:
-        return {"pid": os.getpid(), "at_ms": now_ms(), "positions": {str(s): p for s, p in self.position.items()},
-                "latency": self.latency.as_dict()}
+        return {"pid": os.getpid(), "manager": self.manager, "at_ms": now_ms(),
+                "positions": {str(s): p for s, p in self.position.items()},
+                "latency": self.latency.as_dict(), **self.heartbeat_extra()}
+
+    def heartbeat_extra(self) -> dict:
+        """More fields for the heartbeat (the retry worker adds its waiting messages)."""
+        return {}
 
     def _housekeeping(self) -> None:
         now = time.monotonic()

@@ -51,6 +51,9 @@ class RetryWorker(BatchWorker):
             timeout = max(0.0, min(timeout, (due - now_ms()) / 1000))
         return self.consumer.consume(num_messages=self.settings.batch_size, timeout=timeout)
 
+    def heartbeat_extra(self) -> dict:
+        return {"waiting": sum(len(q) for q in self.waiting.values()), "next_due_ms": self._next_due_ms()}
+
     def _next_due_ms(self) -> int | None:
         heads = [q[0][1] for q in self.waiting.values() if q]
         return min(heads) if heads else None

@@ -259,6 +259,23 @@ class AggregateStore:
         beats = {w: (json.loads(r) if r else None) for w, r in zip(workers, rest[len(sources):])}
         return {"total": total, "partitions": parts, "sources": src, "workers": beats}
 
+    def record_replays(self, replays: dict[str, dict]) -> None:
+        """Remember which dead letters were replayed (id -> details), one round trip."""
+        if not replays:
+            return
+        try:
+            self._redis.hset(self.replays_key, mapping={k: json.dumps(v) for k, v in replays.items()})
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+
+    def replays(self) -> dict[str, dict]:
+        """Every recorded replay: dead letter id -> details."""
+        try:
+            raw = self._redis.hgetall(self.replays_key)
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
     def clear(self) -> int:
         """Delete every key under this prefix (tests and `orders reset`)."""
         try:

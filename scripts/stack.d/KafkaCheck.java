@@ -5,12 +5,18 @@
 // An open TCP port is not enough: the application needs metadata, the group
 // coordinator and the transaction coordinator. Asking for each of them also
 // creates __consumer_offsets and __transaction_state now, rather than during
-// the first test (whose timeouts may be shorter). Exit status 0 = ready.
+// the first test (whose timeouts may be shorter). After a restart the broker
+// accepts connections while it is still loading the coordinators' partitions
+// (clients then get COORDINATOR_LOAD_IN_PROGRESS and retry); ListGroups and
+// ListTransactions fail until every partition is loaded, so they are retried
+// here until they succeed. Exit status 0 = ready.
 import java.time.Duration;
 import java.util.Properties;
 import java.util.concurrent.TimeUnit;
 
 import org.apache.kafka.clients.admin.Admin;
+import org.apache.kafka.clients.admin.ListGroupsOptions;
+import org.apache.kafka.clients.admin.ListTransactionsOptions;
 import org.apache.kafka.clients.admin.AdminClientConfig;
 import org.apache.kafka.clients.producer.KafkaProducer;
 import org.apache.kafka.clients.producer.ProducerConfig;
@@ -52,6 +58,12 @@ public class KafkaCheck {
             admin.listConsumerGroupOffsets("orders-stack-check")
                  .partitionsToOffsetAndMetadata().get(timeoutMs, TimeUnit.MILLISECONDS);
             System.out.println("kafka-check: group coordinator ok");
+            long deadline = System.currentTimeMillis() + timeoutMs;
+            untilOk(deadline, "group coordinator load", () ->
+                admin.listGroups(new ListGroupsOptions().timeoutMs((int) requestMs)).all().get());
+            untilOk(deadline, "transaction coordinator load", () ->
+                admin.listTransactions(new ListTransactionsOptions().timeoutMs((int) requestMs)).all().get());
+            System.out.println("kafka-check: coordinators loaded");
         } finally {
             admin.close(Duration.ofSeconds(2));
         }
@@ -61,7 +73,12 @@ public class KafkaCheck {
         p.put(ProducerConfig.CLIENT_ID_CONFIG, "orders-stack-check");
         p.put(ProducerConfig.REQUEST_TIMEOUT_MS_CONFIG, Long.toString(requestMs));
         p.put(ProducerConfig.DELIVERY_TIMEOUT_MS_CONFIG, Long.toString(Math.max(timeoutMs, requestMs + 5)));
-        p.put(ProducerConfig.TRANSACTIONAL_ID_CONFIG, "orders-stack-check");
+        // A new transactional id each time: a known id would just get its old
+        // producer id back, while a new one makes the broker fetch a block of
+        // producer ids from the controller, which after a restart answers
+        // COORDINATOR_LOAD_IN_PROGRESS until done - better here than in a test.
+        // (Ids of finished transactions expire after transactional.id.expiration.ms.)
+        p.put(ProducerConfig.TRANSACTIONAL_ID_CONFIG, "orders-stack-check-" + System.currentTimeMillis());
         p.put(ProducerConfig.MAX_BLOCK_MS_CONFIG, Long.toString(timeoutMs));
         p.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class.getName());
         p.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class.getName());
@@ -75,5 +92,20 @@ public class KafkaCheck {
             producer.close(Duration.ofSeconds(2));
         }
         System.out.println("kafka-check: transaction coordinator ok");
+    }
+
+    interface Call { Object run() throws Exception; }
+
+    /** Retries call until it succeeds; rethrows its last failure after the deadline. */
+    static void untilOk(long deadline, String what, Call call) throws Exception {
+        while (true) {
+            try {
+                call.run();
+                return;
+            } catch (Exception e) {
+                if (System.currentTimeMillis() >= deadline) throw new Exception(what + " not done in time", e);
+                Thread.sleep(200);
+            }
+        }
     }
 }

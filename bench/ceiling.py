@@ -1,0 +1,90 @@
+"""The ceiling: bare confluent_kafka consumers that only decode every order with fastavro.
+
+Three processes, one consumer per partition (the pool has one worker process per
+partition too), with the workers' consumer configuration. Each reader assigns
+its partition when all are ready, reads exactly the pre-produced messages
+(asking for no more than remain, so the last batch never waits on a timeout)
+and decodes each value with ``schemaless_reader`` after the 5-byte header.
+
+Orders/s is measured like the pipeline's: from the moment every reader has its
+first batch (those batches excluded) to the last message decoded.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+
+import fastavro
+from confluent_kafka import Consumer, TopicPartition
+
+from workers.clients import consumer_conf
+from workers.serde import load_schema
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEADER_SIZE = 5
+BATCH = 2000
+
+
+@dataclass(frozen=True)
+class ReaderResult:
+    partition: int
+    decoded: int
+    first_batch: int
+    first_at: float   # time.time() when the first batch was decoded
+    last_at: float    # time.time() when the last message was decoded
+
+
+def read_partition(env: dict, partition: int, count: int, ready, go, results) -> None:
+    """Child process: read and decode ``count`` messages of one partition."""
+    settings = Settings.from_env(env)
+    schema = fastavro.parse_schema(load_schema(settings.schema_path))
+    consumer = Consumer(consumer_conf(settings, f"{settings.group_prefix}-ceiling"))
+    ready.release()
+    go.wait()
+    consumer.assign([TopicPartition(settings.orders_topic, partition, 0)])
+    decoded, first_batch, first_at = 0, 0, 0.0
+    while decoded < count:
+        for msg in consumer.consume(num_messages=min(BATCH, count - decoded), timeout=1.0):
+            if msg.error() is not None:
+                continue
+            body = io.BytesIO(msg.value())
+            body.seek(HEADER_SIZE)
+            fastavro.schemaless_reader(body, schema, None)
+            decoded += 1
+        if not first_at and decoded:
+            first_batch, first_at = decoded, time.time()
+    last_at = time.time()
+    consumer.close()
+    results.put(ReaderResult(partition, decoded, first_batch, first_at, last_at))
+
+
+def measure_ceiling(env: dict, ends: dict[int, int], timeout: float = 120) -> dict:
+    """One repetition: three reader processes; returns orders/s and the window."""
+    ctx = mp.get_context("spawn")
+    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=read_partition, args=(env, p, n, ready, go, results), daemon=True)
+             for p, n in ends.items()]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:
+            if not ready.acquire(timeout=60):
+                raise RuntimeError("a ceiling reader did not start")
+        go.set()
+        out = [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    start = max(r.first_at for r in out)
+    end = max(r.last_at for r in out)
+    total = sum(r.decoded for r in out)
+    rate = (total - sum(r.first_batch for r in out)) / (end - start)
+    log.info("ceiling decoded=%d window_s=%.3f orders_per_s=%.0f", total, end - start, rate)
+    return {"orders_per_s": rate, "decoded": total, "window_s": end - start}

@@ -1,0 +1,116 @@
+"""Shared pieces: isolated environments, the pre-produced backlog, clean-up, medians.
+
+Every part of the benchmark gets its own topics, Redis prefix, consumer groups and
+transactional ids (``tests.conftest.isolated_env``), so it never touches a pool the
+user runs; ``Resources`` remembers them all and deletes them at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import statistics
+from typing import Iterable
+
+import psutil
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from tests.conftest import isolated_env
+from workers.clients import make_admin, make_producer, make_redis, make_registry
+from workers.producer import DeliveryTally, produce_orders
+from workers.serde import OrderSerde, load_schema
+from workers.settings import Settings
+from workers.store import AggregateStore
+from workers.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+PARTITION_WORKERS = ("partition-0", "partition-1", "partition-2")
+POOL_WORKERS = (*PARTITION_WORKERS, "retry")
+
+
+def bench_env(name: str, **extra: str) -> dict[str, str]:
+    """An isolated environment with the benchmark's defaults (no failures, an idle producer)."""
+    defaults = {
+        "ORDERS_FAILURE_RATE": "0",
+        "PRODUCE_RATE": "0.001",      # the supervised producer's first order would be due in 1000 s
+        "RETRY_BACKOFF_MS": "1000",   # the production default (isolated_env shortens it for tests)
+    }
+    return isolated_env(f"bench-{name}", **{**defaults, **extra})
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+class Resources:
+    """Topics, Redis keys and consumer groups the benchmark created; ``cleanup`` deletes them."""
+
+    def __init__(self):
+        self._settings: list[Settings] = []
+
+    def track(self, env: dict[str, str]) -> Settings:
+        settings = Settings.from_env(env)
+        self._settings.append(settings)
+        return settings
+
+    def cleanup(self) -> None:
+        if not self._settings:
+            return
+        admin = make_admin(self._settings[0])
+        existing = set(admin.list_topics(timeout=10).topics)
+        topics = sorted({t for s in self._settings for t in (s.orders_topic, s.retry_topic, s.dlq_topic)} & existing)
+        _wait_all(admin.delete_topics(topics, operation_timeout=30) if topics else {})
+        prefixes = tuple(s.group_prefix for s in self._settings)
+        groups = [g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid
+                  if g.group_id.startswith(prefixes)]
+        _wait_all(admin.delete_consumer_groups(groups, request_timeout=30) if groups else {})
+        keys = sum(AggregateStore(make_redis(s), s.redis_prefix).clear() for s in self._settings)
+        log.info("cleanup topics=%d groups=%d redis_keys=%d", len(topics), len(groups), keys)
+
+
+def _wait_all(futures: dict) -> None:
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as exc:
+            log.warning("cleanup: %s", exc)
+
+
+def make_serde(settings: Settings) -> OrderSerde:
+    serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+    serde.register(settings.orders_topic)
+    return serde
+
+
+def preproduce(settings: Settings, count: int, seed: int = 1) -> dict[int, int]:
+    """Produce ``count`` random orders to the settings' orders topic; returns its end offsets."""
+    ensure_topics(make_admin(settings), settings)
+    tally = DeliveryTally()
+    sent = produce_orders(make_producer(settings), make_serde(settings), settings.orders_topic, count=count,
+                          rate=0, seed=seed, stop=lambda: False, tally=tally)
+    if tally.delivered != sent or sent != count:
+        raise RuntimeError(f"pre-produce delivered {tally.delivered} of {count}: {tally.errors}")
+    ends = end_offsets(settings)
+    log.info("pre-produced orders=%d topic=%s end_offsets=%s", count, settings.orders_topic, ends)
+    return ends
+
+
+def end_offsets(settings: Settings) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "bench-watermarks"})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(settings.orders_topic, p), timeout=10)[1]
+                for p in range(settings.partitions)}
+    finally:
+        consumer.close()
+
+
+def kill_leftovers(processes: dict[int, float]) -> None:
+    """SIGKILL pool processes (pid -> create time) that outlived supervisord; a reused pid is left alone."""
+    for pid, created in processes.items():
+        try:
+            if psutil.Process(pid).create_time() == created:
+                log.warning("killing leftover pid=%d", pid)
+                os.kill(pid, signal.SIGKILL)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
