@@ -105,6 +105,17 @@ def end_offsets(settings: Settings) -> dict[int, int]:
         consumer.close()
 
 
+def process_times(pids: Iterable[int]) -> dict[int, float]:
+    """pid -> create time, to recognise our processes later (a pid may be reused)."""
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = psutil.Process(pid).create_time()
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def kill_leftovers(processes: dict[int, float]) -> None:
     """SIGKILL pool processes (pid -> create time) that outlived supervisord; a reused pid is left alone."""
     for pid, created in processes.items():

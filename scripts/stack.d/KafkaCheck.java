@@ -1,15 +1,15 @@
-// Readiness check of the local Kafka broker, run by scripts/stack as
+// Readiness check of the local Kafka broker, run by scripts/stack (compiled
+// once into .stack/kafka/check, or launched as a single source file) as
 //   java -cp '.stack/kafka/libs/*' KafkaCheck.java BOOTSTRAP [TIMEOUT_SECONDS]
-// (single-file source launch: nothing to compile or ship).
 //
 // An open TCP port is not enough: the application needs metadata, the group
 // coordinator and the transaction coordinator. Asking for each of them also
 // creates __consumer_offsets and __transaction_state now, rather than during
 // the first test (whose timeouts may be shorter). After a restart the broker
 // accepts connections while it is still loading the coordinators' partitions
-// (clients then get COORDINATOR_LOAD_IN_PROGRESS and retry); ListGroups and
-// ListTransactions fail until every partition is loaded, so they are retried
-// here until they succeed. Exit status 0 = ready.
+// (clients then get COORDINATOR_LOAD_IN_PROGRESS and retry), so ListGroups
+// and ListTransactions, which ask every coordinator partition, are retried
+// until they answer without error. Exit status 0 = ready.
 import java.time.Duration;
 import java.util.Properties;
 import java.util.concurrent.TimeUnit;

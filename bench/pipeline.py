@@ -1,0 +1,144 @@
+"""The pipeline: the real supervisor.conf pool draining the pre-produced backlog into Redis.
+
+Method. The pool (3 partition workers, the retry worker, an idle producer and the
+DLQ viewer) starts on a backlog that is already in Kafka. A watcher thread reads
+the three ``orders`` sources from Redis every 20 ms in one MULTI: each source
+holds the offset it has handled up to, how many orders it counted (first-attempt
+successes only: retried orders are counted under the retry topic's sources) and
+``updated_ms``, the worker's clock when it applied its last batch. Since nothing
+is counted between the last apply and the read, (max ``updated_ms``, sum
+``counted``) is an exact point of the counted-over-time curve, whatever the
+polling delay. Orders/s = (counted at the end - counted at the first point
+where all three workers have applied a batch) / (time between the two points).
+
+The same watcher samples the RSS of every pool worker (pids from their Redis
+heartbeats) every 100 ms and keeps each one's peak.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from tests.pool import SupervisedPool
+from workers.clients import make_redis
+from workers.settings import Settings
+from workers.store import AggregateStore, Source
+
+from .common import POOL_WORKERS, kill_leftovers
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.02
+RSS_EVERY = 5   # polls
+
+
+@dataclass(frozen=True)
+class Point:
+    at_ms: int      # the worker clock of the last batch applied
+    counted: int    # first-attempt successes counted so far
+    handled: int    # messages of the orders topic handled so far (counted, retried or dead-lettered)
+
+
+class Watcher(threading.Thread):
+    """Samples the orders sources and the workers' RSS until every message is handled."""
+
+    def __init__(self, store: AggregateStore, sources: list[Source], total: int):
+        super().__init__(daemon=True)
+        self.store, self.sources, self.total = store, sources, total
+        self.first: Point | None = None
+        self.last: Point | None = None
+        self.rss_peak: dict[str, int] = {}
+        self.processes: dict[int, float] = {}   # pid -> create time, for clean-up
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            polls = 0
+            while not self.finished.is_set():
+                snap = self.store.snapshot(0, sources=self.sources, workers=POOL_WORKERS)
+                self._record(snap["sources"])
+                if polls % RSS_EVERY == 0:
+                    self._sample_rss(snap["workers"])
+                polls += 1
+                if self.last is not None:
+                    self._sample_rss(snap["workers"])
+                    self.finished.set()
+                    return
+                time.sleep(POLL_S)
+        except BaseException as exc:  # reported by wait()
+            self.error = exc
+            self.finished.set()
+
+    def _record(self, sources: dict) -> None:
+        states = [sources[s] for s in self.sources]
+        if not all("updated_ms" in st for st in states):
+            return
+        point = Point(max(st["updated_ms"] for st in states), sum(st.get("counted", 0) for st in states),
+                      sum(st["offset"] for st in states))
+        if self.first is None:
+            self.first = point
+        if point.handled >= self.total:
+            self.last = point
+
+    def _sample_rss(self, beats: dict) -> None:
+        for name, beat in beats.items():
+            if not beat:
+                continue
+            try:
+                proc = psutil.Process(beat["pid"])
+                rss = proc.memory_info().rss
+                self.processes.setdefault(proc.pid, proc.create_time())
+            except psutil.NoSuchProcess:
+                continue
+            self.rss_peak[name] = max(self.rss_peak.get(name, 0), rss)
+
+    def wait(self, timeout: float) -> None:
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"the pool did not handle {self.total} orders in {timeout:.0f} s "
+                               f"(last point {self.first and self.last})")
+        if self.error is not None:
+            raise self.error
+
+
+def drain(env: dict, total: int, timeout: float) -> dict:
+    """Start the supervised pool on the backlog and wait until it has handled ``total`` orders."""
+    settings = Settings.from_env(env)
+    store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    watcher = Watcher(store, [Source(settings.orders_topic, p) for p in range(settings.partitions)], total)
+    with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
+        pool = SupervisedPool(env, Path(folder))
+        watcher.start()
+        try:
+            pool.start()
+            watcher.wait(timeout)
+        except BaseException:
+            log.error("pool logs:\n%s", pool.logs())
+            raise
+        finally:
+            watcher.finished.set()
+            pool.stop()
+            kill_leftovers(watcher.processes)
+    return summarise(watcher, settings.failure_rate)
+
+
+def summarise(watcher: Watcher, failure_rate: float) -> dict:
+    first, last = watcher.first, watcher.last
+    window_s = (last.at_ms - first.at_ms) / 1000
+    result = {
+        "orders_per_s": (last.counted - first.counted) / window_s,     # counted on the first attempt
+        "handled_per_s": (last.handled - first.handled) / window_s,    # every message of the backlog
+        "counted": last.counted,
+        "window_s": window_s,
+        "rss_peak_mb": {name: round(rss / 2**20, 1) for name, rss in sorted(watcher.rss_peak.items())},
+    }
+    log.info("pipeline failure_rate=%s counted=%d window_s=%.3f orders_per_s=%.0f handled_per_s=%.0f rss_mb=%s",
+             failure_rate, last.counted, window_s, result["orders_per_s"], result["handled_per_s"],
+             result["rss_peak_mb"])
+    return result

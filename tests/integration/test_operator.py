@@ -1,0 +1,126 @@
+"""Operator tools on a real pool: status figures, DLQ summary, replay, --watch in a terminal."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+
+import pytest
+
+from workers.clients import make_registry
+from workers.serde import OrderSerde, load_schema
+from workers.settings import Settings
+
+from ..conftest import isolated_env
+from ..pool import ORDERS, SupervisedPool, Truth, dead_letters, read_topic, run_orders, stats, wait_until_quiet
+from .conftest import cleanup
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def env():
+    env = isolated_env("ops", ORDERS_FAILURE_RATE="0.4", RETRY_BACKOFF_MS="100", RETRY_BACKOFF_MULTIPLIER="1",
+                       PRODUCE_RATE="0.001")
+    yield env
+    cleanup(Settings.from_env(env))
+
+
+def status_json(env: dict) -> dict:
+    return json.loads(run_orders(env, "status", "--json", "--interval", "0.5").stdout)
+
+
+def test_status_dlq_summary_and_replay(env, tmp_path):
+    settings = Settings.from_env(env)
+    serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+    (tmp_path / "a").mkdir()
+    pool = SupervisedPool(env, tmp_path / "a")
+    pool.start()
+    try:
+        run_orders(env, "produce", "--count", "1500", "--seed", "3")
+        truth = Truth(read_topic(settings.bootstrap_servers, settings.orders_topic), serde, settings)
+        assert truth.expected_dead, "the failure rate should dead-letter some orders"
+        wait_until_quiet(env, truth.count, len(truth.expected_dead))
+
+        status = status_json(env)
+        assert status["pool"] == {"state": "running", "manager": "supervisor", "workers_alive": 4,
+                                  "workers_expected": 4}
+        assert status["dlq"]["size"] == len(truth.expected_dead)
+        assert status["global"]["count"] == truth.count
+        for part in status["partitions"]:
+            assert part["alive"] and part["lag"] == 0
+            assert part["count"] == truth.count_by_partition.get(part["partition"], 0)
+        assert status["alerts"] == []
+
+        summary = json.loads(run_orders(env, "dlq", "--summary", "--json").stdout)
+        assert summary == {"total": len(truth.expected_dead), "replayed": 0,
+                           "by_error_type": {"DownstreamUnavailable": {"count": len(truth.expected_dead),
+                                                                       "replayed": 0}}}
+        one = sorted(truth.expected_dead)[0]
+        filtered = [json.loads(line) for line in
+                    run_orders(env, "dlq", "--json", "--order-id", one).stdout.splitlines()]
+        assert [d["order"]["orderId"] for d in filtered] == [one]
+        assert run_orders(env, "dlq", "--json", "--error-type", "InvalidOrder").stdout == ""
+
+        dry = run_orders(env, "dlq", "replay", "--dry-run")
+        assert f"dry run: {len(truth.expected_dead)} dead letter(s) would be replayed" in dry.stdout
+        time.sleep(2)
+        assert stats(env)["count"] == truth.count
+        assert len(read_topic(settings.bootstrap_servers, settings.orders_topic)) == truth.total
+    finally:
+        pool.stop()
+
+    # The downstream outage is fixed: the pool comes back without failures, then the
+    # operator replays every dead letter, twice.
+    (tmp_path / "b").mkdir()
+    fixed_env = {**env, "ORDERS_FAILURE_RATE": "0"}
+    pool = SupervisedPool(fixed_env, tmp_path / "b")
+    pool.start()
+    try:
+        out = run_orders(fixed_env, "dlq", "replay").stdout
+        assert f"replayed {len(truth.expected_dead)} dead letter(s)" in out
+        wait_until_quiet(fixed_env, truth.total - truth.undecodable, len(truth.expected_dead))
+        again = run_orders(fixed_env, "dlq", "replay").stdout
+        assert "replayed 0 dead letter(s)" in again and "already replayed" in again
+        run_orders(fixed_env, "dlq", "replay", "--again")
+        time.sleep(3)
+        final = status_json(fixed_env)
+        assert final["global"]["count"] == truth.total  # each replayed order counted exactly once
+        assert final["global"]["duplicate_replays"] == len(truth.expected_dead)
+        letters = dead_letters(fixed_env)
+        assert len(letters) == len(truth.expected_dead)  # replay adds no dead letters here
+        assert all(d["replayed_at"] for d in letters)
+        summary = json.loads(run_orders(fixed_env, "dlq", "--summary", "--json").stdout)
+        assert summary["replayed"] == len(truth.expected_dead)
+    finally:
+        pool.stop()
+
+
+def test_status_watch_renders_in_a_terminal_and_quits_on_ctrl_c(env):
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the terminal's program
+        os.execve(ORDERS, [ORDERS, "status", "--watch", "--interval", "0.5"],
+                  {**env, "PATH": os.environ["PATH"], "TERM": "xterm"})
+    output = b""
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline and output.count(b"workers alive") < 2:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                try:
+                    output += os.read(fd, 65536)
+                except OSError:
+                    break
+        os.kill(pid, signal.SIGINT)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    text = output.decode(errors="replace")
+    assert text.count("workers alive") >= 2, text  # refreshed at least once
+    assert "Traceback" not in text
+    assert "\x1b[" in text  # styled for a terminal
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, text
