@@ -36,7 +36,7 @@ from .errors import OrderError, OrdersError, PermanentError, ServiceUnavailable,
 from .processing import Downstream, backoff_ms, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
-from .store import DEAD, RETRIED, AggregateStore, Source, SourceBatch
+from .store import APPLIED, DEAD, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ class BatchPlan:
     out: list[OutMessage] = field(default_factory=list)
     timestamps_ms: list[int] = field(default_factory=list)  # of counted messages, for latency
 
-    def batch_for(self, source: Source, expect_state: bool) -> SourceBatch:
+    def batch_for(self, source: Source, known_offset: int | None) -> SourceBatch:
         batch = self.batches.get(source)
         if batch is None:
-            batch = self.batches[source] = SourceBatch(source, to_offset=-1, expect_state=expect_state)
+            batch = self.batches[source] = SourceBatch(source, to_offset=-1, known_offset=known_offset)
         return batch
 
 
@@ -185,7 +185,7 @@ class BatchWorker:
         self.sources: list[Source] = []
         self.committed: dict[Source, int | None] = {}   # K: side effects published below this
         self.position: dict[Source, int | None] = {}    # next offset to handle
-        self.expect_state: dict[Source, bool] = {}
+        self.known: dict[Source, int | None] = {}      # R as last seen in Redis
         self._last_touch = 0.0
         self._last_commit = time.monotonic()
         self._counted_since_log = 0
@@ -227,7 +227,7 @@ class BatchWorker:
         for source in self.sources:
             r, k = stored[source], committed[source]
             self.committed[source] = k
-            self.expect_state[source] = r is not None
+            self.known[source] = r
             self.position[source] = None if r is None or k is None else min(r, k)
             log.info("start worker=%s source=%s counted_to=%s committed_to=%s resume_at=%s",
                      self.name, source, r, k, self.position[source] if self.position[source] is not None else "beginning")
@@ -280,14 +280,15 @@ class BatchWorker:
                            "redis", should_stop=self.stop)
         applied_at = now_ms()
         self.latency.record(applied_at - ts for ts in plan.timestamps_ms)
-        lost = {r.source for r in results if not r.state_found}
-        for batch in batches:
-            if batch.source not in lost:
-                self.expect_state[batch.source] = True
+        lost = {r.source for r in results if r.status == STATE_LOST}
+        behind = {r.source: r.offset for r in results if r.status == STATE_BEHIND}
+        for batch, result in zip(batches, results):
+            if result.status == APPLIED:
+                self.known[batch.source] = result.offset
                 self.position[batch.source] = batch.to_offset
-        if lost:
-            self._rebuild(lost)
-        out = [m for m in plan.out if m.source not in lost]
+        if lost or behind:
+            self._rebuild(lost, behind)
+        out = [m for m in plan.out if m.source not in lost and m.source not in behind]
         self._counted_since_log += sum(r.counted for r in results)
         self._batches_since_log += 1
         if results:
@@ -354,11 +355,17 @@ class BatchWorker:
                  {str(s): p for s, p in self.position.items()})
         self._assign()
 
-    def _rebuild(self, lost: set[Source]) -> None:
+    def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None) -> None:
+        """Re-read sources whose Redis state vanished (from the start) or went back (from there)."""
         for source in lost:
             log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
-            self.expect_state[source] = False
+            self.known[source] = None
             self.position[source] = None
+        for source, stored in (behind or {}).items():
+            log.warning("state behind worker=%s source=%s known=%s stored=%s action=rewind",
+                        self.name, source, self.known[source], stored)
+            self.known[source] = stored
+            self.position[source] = stored
         self._assign()
 
     # -- housekeeping ----------------------------------------------------------------
@@ -392,7 +399,7 @@ class BatchWorker:
             except ServiceUnavailable as exc:
                 log.warning("heartbeat failed worker=%s reason=%s", self.name, exc)
                 found = {}
-            lost = {s for s, ok in found.items() if not ok and self.expect_state.get(s)}
+            lost = {s for s, ok in found.items() if not ok and self.known.get(s) is not None}
             if lost:
                 self._rebuild(lost)
         if self._uncommitted() and now - self._last_commit >= COMMIT_INTERVAL_S:

@@ -34,7 +34,7 @@ class PartitionWorker(BatchWorker):
         # Fetch unknown writer schemas first: a registry outage stalls the batch
         # (and is retried) instead of dead-lettering good orders.
         wait_for(lambda: self.serde.prefetch(m.value() for m in messages), "schema registry", should_stop=self.stop)
-        batch = plan.batch_for(self.source, self.expect_state[self.source])
+        batch = plan.batch_for(self.source, self.known[self.source])
         for msg in messages:
             offset = msg.offset()
             cents, out, order = self.decider.attempt(msg, FIRST_ATTEMPT, provenance=None)

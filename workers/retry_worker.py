@@ -91,7 +91,7 @@ class RetryWorker(BatchWorker):
         while queue and queue[0][1] <= now_ms():
             msg, due = queue.popleft()
             if batch is None:
-                batch = plan.batch_for(source, self.expect_state[source])
+                batch = plan.batch_for(source, self.known[source])
             offset = msg.offset()
             headers = header_dict(msg.headers())
             try:

@@ -20,22 +20,26 @@ import redis
 from .errors import ServiceUnavailable
 
 # KEYS: source, total, heartbeat, replayed-orders set, target_0 .. target_k
-# ARGV: expect_state, to_offset, heartbeat_value, heartbeat_ttl_ms, now_ms, then
+# ARGV: known offset (what the worker last saw stored, '' for none), to_offset,
+#       heartbeat_value, heartbeat_ttl_ms, now_ms, then
 #       per message at or past the stored offset's candidates, in offset order:
 #       (offset, code, cents, replay tag). code >= 0: counted into target <code>;
 #       -1: dead-lettered; -2: sent to the retry topic. A non-empty replay tag
 #       (the orderId of a replayed dead letter) counts only the first time.
-# Returns {status, counted, offset, total count, total cents}: status 1 applied,
-# 0 state missing where the worker expected some (Redis lost it: rebuild).
+# Returns {status, counted, offset, total count, total cents}: status 1 applied;
+# 0 state missing where the worker knew some (Redis lost it: rebuild from the log
+# start); 2 stored offset behind what the worker knew (Redis lost its last writes,
+# e.g. a crash inside the AOF fsync window: rewind to the returned offset).
 _APPLY = """
 local src, total, hb, replayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 redis.call('SET', hb, ARGV[3], 'PX', ARGV[4])
 local stored = redis.call('HGET', src, 'offset')
 if not stored then
-  if ARGV[1] == '1' then return {0, 0, -1, 0, 0} end
+  if ARGV[1] ~= '' then return {0, 0, -1, 0, 0} end
   stored = -1
 else
   stored = tonumber(stored)
+  if ARGV[1] ~= '' and stored < tonumber(ARGV[1]) then return {2, 0, stored, 0, 0} end
 end
 local counts, cents = {}, {}
 local counted, counted_cents, dead, retried, duplicates = 0, 0, 0, 0, 0
@@ -116,7 +120,7 @@ class SourceBatch:
 
     source: Source
     to_offset: int
-    expect_state: bool
+    known_offset: int | None  # the offset the worker last saw stored; None: no state
     items: list[tuple[int, int, int, str]] = field(default_factory=list)
 
     def count(self, offset: int, target: int, cents: int, replay_of: str = "") -> None:
@@ -127,10 +131,13 @@ class SourceBatch:
         self.items.append((offset, kind, 0, ""))
 
 
+APPLIED, STATE_LOST, STATE_BEHIND = 1, 0, 2
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     source: Source
-    state_found: bool
+    status: int  # APPLIED, STATE_LOST or STATE_BEHIND
     counted: int
     offset: int
     total: "Totals"
@@ -200,7 +207,8 @@ class AggregateStore:
             for batch in batches:
                 targets = sorted({target for _, target, _, _ in batch.items if target >= 0})
                 index = {target: i for i, target in enumerate(targets)}
-                args: list = ["1" if batch.expect_state else "0", batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms]
+                known = "" if batch.known_offset is None else batch.known_offset
+                args: list = [known, batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms]
                 for offset, target, cents, tag in batch.items:
                     args.extend((offset, index[target] if target >= 0 else target, cents, tag))
                 keys = [self.source_key(batch.source), self.total_key, self.heartbeat_key(worker),
@@ -209,7 +217,7 @@ class AggregateStore:
             replies = pipe.execute()
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
-        return [ApplyResult(batch.source, bool(status), int(counted), int(offset), Totals(int(count), int(cents)))
+        return [ApplyResult(batch.source, int(status), int(counted), int(offset), Totals(int(count), int(cents)))
                 for batch, (status, counted, offset, count, cents) in zip(batches, replies)]
 
     def touch(self, sources: Sequence[Source], *, worker: str, heartbeat: dict) -> dict[Source, bool]:

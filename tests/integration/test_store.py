@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from workers.errors import ServiceUnavailable
-from workers.store import DEAD, AggregateStore, Source, SourceBatch
+from workers.store import APPLIED, DEAD, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch
 
 SRC = Source("orders", 0)
 
@@ -23,8 +23,8 @@ def apply(store, batch):
 
 
 def test_batch_counts_and_moves_the_offset(store):
-    r = apply(store, SourceBatch(SRC, to_offset=3, expect_state=False, items=[(0, 0, 1000, ""), (2, 1, 250, "")]))
-    assert (r.state_found, r.counted, r.offset) == (True, 2, 3)
+    r = apply(store, SourceBatch(SRC, to_offset=3, known_offset=None, items=[(0, 0, 1000, ""), (2, 1, 250, "")]))
+    assert (r.status, r.counted, r.offset) == (APPLIED, 2, 3)
     snap = store.snapshot(3)
     assert snap["total"].count == 2 and snap["total"].cents == 1250
     assert [p.count for p in snap["partitions"]] == [1, 1, 0]
@@ -32,7 +32,7 @@ def test_batch_counts_and_moves_the_offset(store):
 
 
 def test_replaying_a_batch_changes_nothing(store):
-    batch = SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100, ""), (1, 0, 200, "")])
+    batch = SourceBatch(SRC, to_offset=2, known_offset=None, items=[(0, 0, 100, ""), (1, 0, 200, "")])
     apply(store, batch)
     before = store.snapshot(1)
     again = apply(store, batch)
@@ -41,23 +41,23 @@ def test_replaying_a_batch_changes_nothing(store):
 
 
 def test_overlapping_batch_counts_only_the_new_part(store):
-    apply(store, SourceBatch(SRC, to_offset=2, expect_state=False, items=[(0, 0, 100, ""), (1, 0, 200, "")]))
-    r = apply(store, SourceBatch(SRC, to_offset=4, expect_state=True, items=[(1, 0, 200, ""), (3, 0, 5, "")]))
+    apply(store, SourceBatch(SRC, to_offset=2, known_offset=None, items=[(0, 0, 100, ""), (1, 0, 200, "")]))
+    r = apply(store, SourceBatch(SRC, to_offset=4, known_offset=2, items=[(1, 0, 200, ""), (3, 0, 5, "")]))
     assert r.counted == 1
     assert store.snapshot(1)["total"].cents == 305
 
 
 def test_lost_state_is_reported_not_overwritten(store):
-    r = apply(store, SourceBatch(SRC, to_offset=9, expect_state=True, items=[(8, 0, 100, "")]))
-    assert not r.state_found
+    r = apply(store, SourceBatch(SRC, to_offset=9, known_offset=8, items=[(8, 0, 100, "")]))
+    assert r.status == STATE_LOST
     assert store.snapshot(1)["total"].count == 0
     assert store.positions([SRC]) == {SRC: None}
 
 
 def test_large_sums_stay_exact(store):
     items = [(i, 0, 99999999, "") for i in range(1000)]
-    apply(store, SourceBatch(SRC, to_offset=1000, expect_state=False, items=items))
-    apply(store, SourceBatch(Source("orders", 1), to_offset=1000, expect_state=False, items=items))
+    apply(store, SourceBatch(SRC, to_offset=1000, known_offset=None, items=items))
+    apply(store, SourceBatch(Source("orders", 1), to_offset=1000, known_offset=None, items=items))
     assert store.snapshot(1)["total"].cents == 2 * 1000 * 99999999
 
 
@@ -88,7 +88,7 @@ def test_aof_keeps_state_across_a_redis_restart(tmp_path):
     proc, client = start()
     try:
         store = AggregateStore(client, "aof")
-        apply(store, SourceBatch(SRC, to_offset=5, expect_state=False, items=[(4, 0, 4242, "")]))
+        apply(store, SourceBatch(SRC, to_offset=5, known_offset=None, items=[(4, 0, 4242, "")]))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
@@ -103,7 +103,7 @@ def test_aof_keeps_state_across_a_redis_restart(tmp_path):
 
 
 def test_replayed_order_counts_once(store):
-    batch = SourceBatch(SRC, to_offset=3, expect_state=False)
+    batch = SourceBatch(SRC, to_offset=3, known_offset=None)
     batch.count(0, 0, 100, replay_of="order-1")
     batch.count(1, 0, 100, replay_of="order-1")   # the same dead letter replayed again
     batch.park(2, DEAD)
@@ -111,3 +111,10 @@ def test_replayed_order_counts_once(store):
     assert r.counted == 1
     total = store.snapshot(1)["total"]
     assert (total.count, total.dead_lettered, total.duplicate_replays) == (1, 1, 1)
+
+
+def test_state_that_went_back_in_time_is_reported(store):
+    apply(store, SourceBatch(SRC, to_offset=5, known_offset=None, items=[(4, 0, 1, "")]))
+    r = apply(store, SourceBatch(SRC, to_offset=12, known_offset=9, items=[(10, 0, 1, "")]))
+    assert (r.status, r.offset) == (STATE_BEHIND, 5)
+    assert store.snapshot(1)["total"].count == 1  # nothing applied
