@@ -14,11 +14,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from workers import envelope as env_headers
+from workers.clients import make_registry
 from workers.errors import OrderError
 from workers.processing import attempt_fails, price_cents, validate
-from workers.serde import OrderSerde
+from workers.serde import OrderSerde, load_schema
+from workers.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 ORDERS = str(REPO / ".venv" / "bin" / "orders")
@@ -188,3 +193,46 @@ def wait_until_quiet(env: dict, expected_count: int, expected_dead: int, timeout
             last = (s["count"], None)
         time.sleep(1)
     raise AssertionError(f"not quiet after {timeout}s: (count, dlq)={last}, expected ({expected_count}, {expected_dead})")
+
+
+def check_invariants(env: dict, settings: Settings) -> Truth:
+    serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+    truth = Truth(read_topic(settings.bootstrap_servers, settings.orders_topic), serde, settings)
+    stats, dlq = wait_until_quiet(env, truth.count, len(truth.expected_dead) + truth.undecodable)
+    dlq_ids = [d["order"]["orderId"] for d in dlq if d["order"]]
+    assert len(dlq_ids) == len(set(dlq_ids)), "an order was dead-lettered twice"
+    assert set(dlq_ids) == truth.expected_dead
+    assert stats["count"] + len(dlq) == truth.total
+    assert stats["count"] == truth.count
+    assert round(stats["sum"] * 100) == truth.cents
+    assert stats["average"] == pytest.approx(truth.cents / truth.count / 100)
+    for p in stats["partitions"]:
+        assert p["count"] == truth.count_by_partition.get(p["partition"], 0)
+    for d in dlq:
+        assert d["error_type"] == "DownstreamUnavailable"
+        assert d["attempts"] == settings.max_attempts
+        assert d["original_topic"] == settings.orders_topic
+        assert d["original_partition"] in range(settings.partitions)
+        assert d["original_offset"] >= 0
+        assert d["first_failed_at"] <= d["dead_lettered_at"]
+    check_retries_waited(settings)
+    return truth
+
+
+def check_retries_waited(settings: Settings) -> None:
+    """Each retry step was taken no earlier than the due time of the step before it."""
+    steps: dict[str, list[tuple[int, int, int]]] = {}
+    for msg in read_topic(settings.bootstrap_servers, settings.retry_topic):
+        h = env_headers.header_dict(msg.headers())
+        attempt, due = env_headers.retry_attempt(h)
+        steps.setdefault(msg.key().decode(), []).append((attempt, due, msg.timestamp()[1]))
+    dead = {msg.key().decode(): msg.timestamp()[1]
+            for msg in read_topic(settings.bootstrap_servers, settings.dlq_topic)}
+    assert steps, "the failure rate should have produced retries"
+    for key, chain in steps.items():
+        chain.sort()
+        assert [a for a, _, _ in chain] == list(range(2, 2 + len(chain))), f"{key}: attempts {chain}"
+        for (_, due, _), (_, _, next_published) in zip(chain, chain[1:]):
+            assert next_published >= due, f"{key}: retried {due - next_published} ms early"
+        if key in dead:
+            assert dead[key] >= chain[-1][1], f"{key}: dead-lettered before its last retry was due"

@@ -77,8 +77,8 @@ def init(settings: Settings) -> None:
 @click.option("--rate", type=click.FloatRange(min=0), default=None,
               help="Orders per second; 0 is unlimited. [default: PRODUCE_RATE, or unlimited with --count]")
 @click.option("--seed", type=int, default=None, help="Seed for products and prices (ids stay unique).")
-@click.option("--record", type=click.File("w"), default=None,
-              help="Write each delivered order as a JSON line to this file.")
+@click.option("--record", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Append each delivered order as a JSON line to this file (flushed per line).")
 @click.option("--schema", "schema_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Write with this Avro schema (a compatible evolution of the Order schema).")
 @click.pass_obj
@@ -95,7 +95,9 @@ def produce(settings: Settings, count: int, rate: float | None, seed: int | None
                          should_stop=stop)
     log.info("writing with schema id=%d subject=%s-value", schema_id, settings.orders_topic)
     producer = make_producer(settings)
-    tally = DeliveryTally(record=record)
+    # Line-buffered: what the file says was delivered survives a crash of this process.
+    record_file = open(record, "a", buffering=1) if record else None
+    tally = DeliveryTally(record=record_file)
     log.info("producing count=%s rate=%s topic=%s %s", count or "unbounded", rate or "unlimited",
              settings.orders_topic, describe_servers(settings))
     if count and sys.stderr.isatty():
@@ -105,6 +107,8 @@ def produce(settings: Settings, count: int, rate: float | None, seed: int | None
     else:
         sent = produce_orders(producer, serde, settings.orders_topic, count=count, rate=rate, seed=seed,
                               stop=stop, tally=tally)
+    if record_file:
+        record_file.close()
     log.info("produce done sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
     if tally.failed or tally.delivered != sent:
         raise DeliveryFailed(f"{sent - tally.delivered} of {sent} orders were not delivered: {tally.errors}")

@@ -1,0 +1,166 @@
+"""Fault scenarios under load: the pool must count every order once or dead-letter it once.
+
+Each runs the real supervisor.conf under >= 20,000 orders with a transient failure
+rate, injects one kind of fault while the orders stream in, waits for quiet, and
+checks the invariant against the orders topic itself (tests/pool.py check_invariants).
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from workers.clients import make_redis
+from workers.settings import Settings
+from workers.store import AggregateStore
+
+from ..conftest import isolated_env
+from ..pool import ORDERS, REPO, SupervisedPool, check_invariants, read_topic
+from .conftest import cleanup
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+LOAD = 20_000
+RATE = 2_500
+STACK = str(REPO / "scripts" / "stack")
+
+
+@pytest.fixture
+def env():
+    env = isolated_env("fault", ORDERS_FAILURE_RATE="0.2", RETRY_BACKOFF_MS="200", PRODUCE_RATE="0.001")
+    yield env
+    cleanup(Settings.from_env(env))
+
+
+@pytest.fixture
+def pool(env, tmp_path):
+    pool = SupervisedPool(env, tmp_path)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+def start_load(env: dict, tmp_path: Path, count: int = LOAD, rate: int = RATE) -> subprocess.Popen:
+    record = tmp_path / "delivered.jsonl"
+    return subprocess.Popen([ORDERS, "produce", "--count", str(count), "--rate", str(rate), "--record", str(record)],
+                            env={**env, "PATH": "/usr/bin:/bin"}, stderr=subprocess.DEVNULL)
+
+
+def finish_load(load: subprocess.Popen, timeout: float = 180) -> None:
+    assert load.wait(timeout) == 0, "the producer reported undelivered orders"
+
+
+def stack(*args: str) -> None:
+    subprocess.run([STACK, *args], check=True, stdout=subprocess.DEVNULL, timeout=180)
+
+
+def test_workers_killed_repeatedly(env, pool, tmp_path):
+    load = start_load(env, tmp_path)
+    victims = ["consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry"]
+    rng = random.Random(5)
+    kills = 0
+    deadline = time.monotonic() + 60
+    while kills < 12 and time.monotonic() < deadline:
+        name = victims[kills % 4] if kills < 4 else rng.choice(victims)
+        if pool.statuses().get(name) == "RUNNING":
+            pool.kill(name, signal.SIGKILL)
+            kills += 1
+        time.sleep(0.7)
+    finish_load(load)
+    assert kills >= 10
+    pool.wait_all_running(timeout=90)
+    check_invariants(env, Settings.from_env(env))
+
+
+def test_graceful_restart_of_every_program(env, pool, tmp_path):
+    load = start_load(env, tmp_path)
+    time.sleep(2)
+    for name in ["consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry", "producer",
+                 "dlq-viewer"]:
+        pool.ctl("restart", name, check=True)
+        time.sleep(0.5)
+    finish_load(load)
+    pool.wait_all_running(timeout=90)
+    check_invariants(env, Settings.from_env(env))
+    log = (pool.folder / "run" / "supervisord.log").read_text()
+    for worker in ("consumer-0", "consumer-1", "consumer-2", "retry"):
+        assert f"stopped: {worker} (exit status 0)" in log, log
+    assert "SIGKILL" not in log  # everything stopped well inside stopwaitsecs
+
+
+def test_broker_restart(env, pool, tmp_path):
+    load = start_load(env, tmp_path)
+    time.sleep(3)
+    stack("stop", "kafka")
+    time.sleep(3)
+    stack("start", "kafka")
+    finish_load(load)
+    pool.wait_all_running(timeout=120)
+    check_invariants(env, Settings.from_env(env))
+
+
+def test_redis_restart(env, pool, tmp_path):
+    load = start_load(env, tmp_path)
+    time.sleep(3)
+    stack("stop", "redis")
+    time.sleep(3)
+    stack("start", "redis")
+    finish_load(load)
+    check_invariants(env, Settings.from_env(env))
+    logs = pool.logs(tail=100000)
+    assert "waiting for redis" in logs  # the workers noticed, waited and went on
+
+
+def test_redis_state_wiped_is_rebuilt_from_the_log(env, pool, tmp_path):
+    settings = Settings.from_env(env)
+    store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    load = start_load(env, tmp_path)
+    time.sleep(4)
+    wiped = store.clear()
+    assert wiped > 0
+    finish_load(load)
+    check_invariants(env, settings)
+    assert "action=rebuild_from_log_start" in pool.logs(tail=100000)
+
+
+def test_pool_started_on_empty_redis_with_full_topics(env, tmp_path):
+    """The topics already hold every order; Redis holds nothing: the pool rebuilds it all."""
+    settings = Settings.from_env(env)
+    (tmp_path / "a").mkdir()
+    first = SupervisedPool(env, tmp_path / "a")
+    first.start()
+    try:
+        finish_load(start_load(env, tmp_path, rate=0))
+        check_invariants(env, settings)
+    finally:
+        first.stop()
+    AggregateStore(make_redis(settings), settings.redis_prefix).clear()
+    (tmp_path / "b").mkdir()
+    second = SupervisedPool(env, tmp_path / "b")
+    second.start()
+    try:
+        check_invariants(env, settings)
+    finally:
+        second.stop()
+
+
+def test_producer_crash_loses_nothing_it_reported(env, pool, tmp_path):
+    settings = Settings.from_env(env)
+    load = start_load(env, tmp_path, count=LOAD * 2)
+    time.sleep(5)
+    load.send_signal(signal.SIGKILL)
+    load.wait(10)
+    reported = [json.loads(line) for line in (tmp_path / "delivered.jsonl").read_text().splitlines()
+                if line.endswith("}")]
+    assert len(reported) > 1000
+    finish_load(start_load(env, tmp_path, count=LOAD // 2, rate=0))  # the pool goes on with new orders
+    truth = check_invariants(env, settings)
+    assert {o["orderId"] for o in reported} <= set(truth.decoded)
+    keys = [m.key() for m in read_topic(settings.bootstrap_servers, settings.orders_topic)]
+    assert len(keys) == len(set(keys)), "the idempotent producer wrote an order twice"
