@@ -14,7 +14,7 @@ from .clients import (describe_servers, make_admin, make_consumer, make_producer
                       wait_for)
 from .dlq import Filters, ReplayFailed, parse_since, read_dead_letters, replay, summarize
 from .engine import StopFlag, now_ms
-from .errors import ConfigError, OrdersError, ServiceUnavailable
+from .errors import ConfigError, OrdersError, ServiceUnavailable, StopRequested
 from .partition_worker import PartitionWorker
 from .producer import DeliveryTally, produce_orders
 from .retry_worker import RetryWorker
@@ -33,6 +33,8 @@ class OrdersGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except StopRequested as exc:
+            log.info("%s", exc)  # asked to stop: a clean exit, not a failure
         except OrdersError as exc:
             log.error("%s: %s", type(exc).__name__, exc)
             click.echo(f"error: {exc}", err=True)

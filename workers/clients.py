@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from .errors import ConfigError, ServiceUnavailable
+from .errors import ConfigError, ServiceUnavailable, StopRequested
 from .settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,8 @@ def wait_for(check: Callable[[], T], what: str, *, deadline_s: float | None = No
              should_stop: Callable[[], bool] = lambda: False) -> T:
     """Call ``check`` until it stops raising ServiceUnavailable, backing off.
 
-    Raises the last ServiceUnavailable when ``deadline_s`` passes (never, if None)
-    or ``should_stop()`` becomes true.
+    Raises the last ServiceUnavailable when ``deadline_s`` passes (never, if None),
+    StopRequested when ``should_stop()`` becomes true meanwhile.
     """
     delay = first_delay_s
     start = time.monotonic()
@@ -130,7 +130,9 @@ def wait_for(check: Callable[[], T], what: str, *, deadline_s: float | None = No
             return check()
         except ServiceUnavailable as exc:
             waited = time.monotonic() - start
-            if should_stop() or (deadline_s is not None and waited >= deadline_s):
+            if should_stop():
+                raise StopRequested(f"stopped while waiting for {what}") from exc
+            if deadline_s is not None and waited >= deadline_s:
                 raise
             log.warning("waiting for %s attempt=%d retry_in_s=%.1f reason=%s", what, attempt, delay, exc)
             end = time.monotonic() + delay

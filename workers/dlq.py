@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class DeadLetter:
     def as_json(self, replay: dict | None = None) -> dict:
         return {
             "id": self.id,
-            "order": self.order,
+            "order": _json_safe(self.order),
             "raw": base64.b64encode(self.raw).decode() if self.order is None and self.raw is not None else None,
             "key": self.key.decode("utf-8", "replace") if self.key is not None else None,
             "error_type": self.error_type,
@@ -92,6 +93,15 @@ class DeadLetter:
         if d["replayed_at"]:
             line += f"  REPLAYED {d['replayed_at']}"
         return line
+
+
+def _json_safe(order: dict | None) -> dict | None:
+    """NaN and infinities are not JSON (RFC 8259): name them, so strict parsers read every line."""
+    if order is None:
+        return None
+    return {k: (("NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity")
+                if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in order.items()}
 
 
 def _iso(ms: int | None) -> str | None:

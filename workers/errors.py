@@ -26,8 +26,8 @@ class ServiceUnavailable(OrdersError):
     """A server (Kafka, schema registry, Redis) cannot be reached right now."""
 
 
-class StateLostError(OrdersError):
-    """The Redis state of a source vanished while a worker was using it."""
+class StopRequested(OrdersError):
+    """A signal asked the process to stop while it was waiting for a server."""
 
 
 class OrderError(OrdersError):

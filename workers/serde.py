@@ -20,7 +20,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from .errors import ConfigError, SchemaMismatch, ServiceUnavailable, UndecodableMessage, UnknownSchema
 
 MAGIC_BYTE = 0
-_HEADER = struct.Struct(">bI")
+_HEADER = struct.Struct(">BI")  # unsigned: errors show the magic byte as 0..255
 
 
 def load_schema(path: Path) -> dict:

@@ -11,7 +11,7 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-METADATA_TIMEOUT_S = 10
+METADATA_TIMEOUT_S = 5  # short: a stop request is noticed between attempts
 # Retry and DLQ messages carry the original value plus headers: give them room
 # for the largest value the orders topic can hold, so no order is too big to park.
 PARKING_MAX_MESSAGE_BYTES = 8 * 1024 * 1024

@@ -35,7 +35,7 @@ from workers.settings import Settings
 from workers.topics import ensure_topics
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, read_topic, wait_until_quiet
+from ..pool import ORDERS, read_topic, run_orders, wait_until_quiet
 from .conftest import cleanup
 
 BIG_VALUE_BYTES = 1_000_000   # fits the broker's default message.max.bytes (1048588) with framing
@@ -295,7 +295,9 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
     workers.start()
     produce(settings, cases)
     expected_cents = sum(price_cents(c.order) for c in good)
-    stats, dlq = wait_until_quiet(hostile_env, len(good), len(bad), timeout=45)
+    stats, _ = wait_until_quiet(hostile_env, len(good), len(bad), timeout=45)
+    dlq_lines = [line for line in run_orders(hostile_env, "dlq", "--json").stdout.splitlines() if line.strip()]
+    dlq = [json.loads(line) for line in dlq_lines]  # Python's lenient parser; strictness is checked below
 
     # Every good order is counted, on its own partition.
     assert stats["count"] == len(good)
@@ -338,6 +340,12 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
     # What `orders dlq --json` tells an operator about each one (checked last, all
     # together, so one wrong detail does not hide the others).
     wrong = []
+    names = {(c.partition, c.offset): c.name for c in bad}
+    for line, d in zip(dlq_lines, dlq):
+        try:
+            json.loads(line, parse_constant=reject_constant)
+        except ValueError as exc:
+            wrong.append((names[(d["original_partition"], d["original_offset"])], f"`orders dlq --json` line: {exc}"))
     for case in bad:
         d = by_origin[(case.partition, case.offset)]
         got = {k: d[k] for k in ("original_topic", "error_type", "attempts", "key")}
@@ -358,7 +366,18 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
     assert not wrong, "\n".join(map(repr, wrong))
 
 
+def reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (RFC 8259): strict parsers (JavaScript, Go, serde_json) reject it")
+
+
+NON_FINITE_NAMES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
 def same_order(shown: dict, sent: dict) -> bool:
-    def same(a, b):
-        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    """The DLQ's decoded order is the one sent; a non-finite price may be shown by its name."""
+    def same(shown_value, sent_value):
+        if isinstance(sent_value, float) and not math.isfinite(sent_value):
+            return shown_value == NON_FINITE_NAMES[repr(sent_value)] or (
+                isinstance(shown_value, float) and repr(shown_value) == repr(sent_value))
+        return shown_value == sent_value
     return shown.keys() == sent.keys() and all(same(shown[k], sent[k]) for k in sent)
