@@ -199,7 +199,19 @@ class BatchWorker:
         raise NotImplementedError
 
     def poll(self) -> list[Message]:
-        return self.consumer.consume(num_messages=self.settings.batch_size, timeout=self.settings.poll_timeout_s)
+        return self.fetch(self.settings.poll_timeout_s)
+
+    def fetch(self, timeout: float) -> list[Message]:
+        """Up to batch_size messages, returning as soon as one is there.
+
+        ``consume(n, timeout)`` alone waits for n messages or the whole timeout,
+        which adds that timeout to every order's latency at low rates; instead wait
+        for the first message, then take whatever else is already fetched.
+        """
+        first = self.consumer.poll(timeout)
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(num_messages=self.settings.batch_size - 1, timeout=0)]
 
     def on_reassign(self) -> None:
         """Called after the consumer was re-assigned (rewind): drop buffered messages."""

@@ -49,7 +49,7 @@ class RetryWorker(BatchWorker):
         due = self._next_due_ms()
         if due is not None:
             timeout = max(0.0, min(timeout, (due - now_ms()) / 1000))
-        return self.consumer.consume(num_messages=self.settings.batch_size, timeout=timeout)
+        return self.fetch(timeout)
 
     def heartbeat_extra(self) -> dict:
         return {"waiting": sum(len(q) for q in self.waiting.values()), "next_due_ms": self._next_due_ms()}
