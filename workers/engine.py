@@ -145,6 +145,17 @@ def message_key(msg: Message) -> str:
     return key.decode("utf-8", "replace") if key is not None else "-"
 
 
+def _transaction_call(call: Callable[[], None], what: str) -> None:
+    """Run a transaction API call: fatal errors end the worker, others mean Kafka is unavailable."""
+    try:
+        call()
+    except KafkaException as exc:
+        err = exc.args[0]
+        if err.fatal():
+            raise FatalWorkerError(f"{what} failed fatally: {err.str()}") from exc
+        raise ServiceUnavailable(f"kafka: {err.str()}") from exc
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it between short polls."""
 
@@ -246,13 +257,7 @@ class BatchWorker:
         self._assign()
 
     def _init_transactions(self) -> None:
-        try:
-            self.producer.init_transactions(KAFKA_TIMEOUT_S)
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.fatal():
-                raise FatalWorkerError(f"init_transactions failed: {err.str()}") from exc
-            raise ServiceUnavailable(f"kafka: {err.str()}") from exc
+        _transaction_call(lambda: self.producer.init_transactions(KAFKA_TIMEOUT_S), "init_transactions")
 
     def _committed_offsets(self) -> dict[Source, int | None]:
         tps = [TopicPartition(s.topic, s.partition) for s in self.sources]
@@ -350,15 +355,8 @@ class BatchWorker:
         self.producer.poll(0)
 
     def _abort(self) -> None:
-        def abort():
-            try:
-                self.producer.abort_transaction(KAFKA_TIMEOUT_S)
-            except KafkaException as exc:
-                err = exc.args[0]
-                if err.fatal():
-                    raise FatalWorkerError(f"abort failed fatally: {err.str()}") from exc
-                raise ServiceUnavailable(f"kafka: {err.str()}") from exc
-        wait_for(abort, "kafka (abort transaction)", should_stop=self.stop)
+        wait_for(lambda: _transaction_call(lambda: self.producer.abort_transaction(KAFKA_TIMEOUT_S), "abort"),
+                 "kafka (abort transaction)", should_stop=self.stop)
 
     def _rewind_to_committed(self) -> None:
         for source in self.sources:
