@@ -9,7 +9,6 @@ than the messages behind it delays them (never makes anything early).
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from typing import Sequence
 

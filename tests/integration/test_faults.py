@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from workers.clients import make_redis
 from workers.settings import Settings

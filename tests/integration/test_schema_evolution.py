@@ -17,10 +17,9 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from workers.clients import make_admin, make_registry
+from workers.clients import make_registry
 from workers.serde import OrderSerde, load_schema, subject_for
 from workers.settings import Settings
-from workers.topics import ensure_topics
 
 from ..conftest import isolated_env
 from ..pool import Truth, dead_letters, read_topic, run_orders, wait_until_quiet
