@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -99,15 +100,22 @@ class SupervisedPool:
         if not pidfile.exists():
             return
         pid = int(pidfile.read_text())
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
         self.ctl("shutdown")
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not psutil.pid_exists(pid):
                 return
             time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
+        # supervisord did not finish: kill it and the programs it had started, by pid
+        for proc in [psutil.Process(pid), *children]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 30) -> list:

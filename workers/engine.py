@@ -20,9 +20,11 @@ Exactly-once, without a distributed transaction between Kafka and Redis:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -42,7 +44,13 @@ log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0      # heartbeat + "is my Redis state still there?" check
 COMMIT_INTERVAL_S = 5.0     # commit progress of batches that had no side effects
-KAFKA_TIMEOUT_S = 30.0
+KAFKA_TIMEOUT_S = 15.0
+# librdkafka's send_offsets_to_transaction can block forever, past its timeout,
+# when the group coordinator went away (librdkafka issues 5456 and 5511, seen here
+# on a broker restart). A transaction that outlives this ends the process; the
+# supervisor restarts it and the protocol above makes the restart safe.
+TRANSACTION_WATCHDOG_S = 45.0
+EXIT_STUCK = 3
 
 
 class FatalWorkerError(OrdersError):
@@ -156,6 +164,40 @@ def _transaction_call(call: Callable[[], None], what: str) -> None:
         raise ServiceUnavailable(f"kafka: {err.str()}") from exc
 
 
+class Watchdog:
+    """Ends the process (exit code 3) if an armed section runs past its deadline.
+
+    For library calls that can hang without honouring their timeout; a restart is
+    safe, a silent hang is not. One daemon thread, started on first use.
+    """
+
+    def __init__(self):
+        self._deadline: float | None = None
+        self._what = ""
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def armed(self, what: str, seconds: float):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._thread.start()
+        self._what, self._deadline = what, time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                log.critical("stuck in %s for longer than its deadline: exiting so that the supervisor "
+                             "restarts this worker", self._what)
+                logging.shutdown()
+                os._exit(EXIT_STUCK)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it between short polls."""
 
@@ -204,6 +246,7 @@ class BatchWorker:
         self._last_log = time.monotonic()
         self._total = None
         self.latency = LatencyHistogram()
+        self.watchdog = Watchdog()
 
     # -- hooks ---------------------------------------------------------------------
     def plan(self, messages: Sequence[Message]) -> BatchPlan:
@@ -338,12 +381,14 @@ class BatchWorker:
         self._last_commit = time.monotonic()
 
     def _transaction(self, out: list[OutMessage], offsets: list[TopicPartition]) -> None:
-        self.producer.begin_transaction()
-        for m in out:
-            self._produce(m)
-        if offsets:
-            self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), KAFKA_TIMEOUT_S)
-        self.producer.commit_transaction(KAFKA_TIMEOUT_S)
+        with self.watchdog.armed("kafka transaction", TRANSACTION_WATCHDOG_S):
+            self.producer.begin_transaction()
+            for m in out:
+                self._produce(m)
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
+                                                          KAFKA_TIMEOUT_S)
+            self.producer.commit_transaction(KAFKA_TIMEOUT_S)
 
     def _produce(self, m: OutMessage) -> None:
         while True:
