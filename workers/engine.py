@@ -8,11 +8,13 @@ Exactly-once, without a distributed transaction between Kafka and Redis:
 * Kafka holds, per source partition, the committed offset of the worker's group
   (K), written in the same Kafka transaction as the batch's retry and DLQ
   messages. Messages below K have had their retry/DLQ messages published.
-* A batch is applied to Redis first, then its transaction is committed. A crash
-  between the two leaves R > K: the restarted worker starts at min(R, K),
-  re-decides those messages (decisions are deterministic), publishes their
-  side effects again (the first transaction never committed) and Redis skips
-  the counting. A crash before Redis leaves R = K: plain replay.
+* A batch is applied to Redis first; its retry/DLQ messages then join the open
+  transaction, which commits (with the offsets) every TRANSACTION_INTERVAL_S, as
+  Kafka Streams does under exactly-once. A crash before the commit leaves
+  R > K: the restarted worker starts at min(R, K), re-decides those messages
+  (decisions are deterministic), publishes their side effects again (the first
+  transaction never committed) and Redis skips the counting. A crash before
+  Redis leaves R = K: plain replay.
 * If Redis loses a source's state (flushed, restored from an old file), the
   worker notices (state missing where it expected some) and rebuilds it by
   re-reading the source from the start: Redis counts, side effects below K are
@@ -38,12 +40,13 @@ from .errors import OrderError, OrdersError, PermanentError, ServiceUnavailable,
 from .processing import Downstream, backoff_ms, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
-from .store import APPLIED, DEAD, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch
+from .store import DEAD, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch
 
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0      # heartbeat + "is my Redis state still there?" check
 COMMIT_INTERVAL_S = 5.0     # commit progress of batches that had no side effects
+TRANSACTION_INTERVAL_S = 0.2  # an open transaction (with retry/DLQ messages) commits this often
 KAFKA_TIMEOUT_S = 15.0
 # librdkafka's send_offsets_to_transaction can block forever, past its timeout,
 # when the group coordinator went away (librdkafka issues 5456 and 5511, seen here
@@ -247,6 +250,7 @@ class BatchWorker:
         self._total = None
         self.latency = LatencyHistogram()
         self.watchdog = Watchdog()
+        self._txn_started: float | None = None  # monotonic time the open transaction began
 
     # -- hooks ---------------------------------------------------------------------
     def plan(self, messages: Sequence[Message]) -> BatchPlan:
@@ -294,10 +298,15 @@ class BatchWorker:
             r, k = stored[source], committed[source]
             self.committed[source] = k
             self.known[source] = r
-            self.position[source] = None if r is None or k is None else min(r, k)
+            self.position[source] = self._resume_at(source)
             log.info("start worker=%s source=%s counted_to=%s committed_to=%s resume_at=%s",
                      self.name, source, r, k, self.position[source] if self.position[source] is not None else "beginning")
         self._assign()
+
+    def _resume_at(self, source: Source) -> int | None:
+        """Where to (re)start a source: min(R, K); None (the log start) if either is unknown."""
+        r, k = self.known.get(source), self.committed.get(source)
+        return None if r is None or k is None else min(r, k)
 
     def _init_transactions(self) -> None:
         _transaction_call(lambda: self.producer.init_transactions(KAFKA_TIMEOUT_S), "init_transactions")
@@ -319,8 +328,7 @@ class BatchWorker:
     def shutdown(self) -> None:
         """Record progress if Kafka lets us, then close: well inside stopwaitsecs."""
         try:
-            if self._uncommitted():
-                self._commit([])
+            self._commit()
         except (OrdersError, KafkaException) as exc:
             log.warning("final commit skipped worker=%s reason=%s", self.name, exc)
         finally:
@@ -333,62 +341,83 @@ class BatchWorker:
         return committed is None or offset >= committed
 
     def checkpoint(self, plan: BatchPlan) -> None:
-        """Apply the plan to Redis, then publish its messages and offsets in one transaction."""
+        """Apply the plan to Redis, then add its messages to the open Kafka transaction."""
         batches = [b for b in plan.batches.values() if b.to_offset >= 0]
         heartbeat = self._heartbeat()
         results = wait_for(lambda: self.store.apply(batches, worker=self.name, heartbeat=heartbeat, now_ms=now_ms()),
                            "redis", should_stop=self.stop)
         applied_at = now_ms()
         self.latency.record(applied_at - ts for ts in plan.timestamps_ms)
-        lost = {r.source for r in results if r.status == STATE_LOST}
-        behind = {r.source: r.offset for r in results if r.status == STATE_BEHIND}
-        for batch, result in zip(batches, results):
-            if result.status == APPLIED:
-                self.known[batch.source] = result.offset
-                self.position[batch.source] = batch.to_offset
-        if lost or behind:
-            self._rebuild(lost, behind)
-        out = [m for m in plan.out if m.source not in lost and m.source not in behind]
         self._counted_since_log += sum(r.counted for r in results)
         self._batches_since_log += 1
         if results:
             self._total = results[-1].total
-        if out or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
-            self._commit(out)
+        lost = {r.source for r in results if r.status == STATE_LOST}
+        behind = {r.source: r.offset for r in results if r.status == STATE_BEHIND}
+        if lost or behind:
+            self._rebuild(lost, behind)
+            return
+        for batch, result in zip(batches, results):
+            self.known[batch.source] = result.offset
+            self.position[batch.source] = batch.to_offset
+        if plan.out:
+            self._publish(plan.out)
+        self._maybe_commit()
 
     def _uncommitted(self) -> bool:
         return any(p is not None and p != self.committed.get(s) for s, p in self.position.items())
 
-    def _commit(self, out: list[OutMessage]) -> None:
+    def _publish(self, out: list[OutMessage]) -> None:
+        """Produce retry/DLQ messages into the open transaction (opening one if needed)."""
+        try:
+            if self._txn_started is None:
+                self.producer.begin_transaction()
+                self._txn_started = time.monotonic()
+            for m in out:
+                self._produce(m)
+        except KafkaException as exc:
+            self._transaction_failed(exc)
+
+    def _maybe_commit(self) -> None:
+        # Like Kafka Streams' commit.interval.ms under exactly-once: one transaction
+        # spans the batches of a short interval, so its round trips are not paid per batch.
+        now = time.monotonic()
+        if self._txn_started is not None:
+            if now - self._txn_started >= TRANSACTION_INTERVAL_S:
+                self._commit()
+        elif self._uncommitted() and now - self._last_commit >= COMMIT_INTERVAL_S:
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit the open transaction (or one with only offsets) with every position handled."""
         offsets = [TopicPartition(s.topic, s.partition, p) for s, p in self.position.items()
                    if p is not None and p != self.committed.get(s)]
-        if not out and not offsets:
+        if self._txn_started is None and not offsets:
             return
         try:
-            self._transaction(out, offsets)
+            with self.watchdog.armed("kafka transaction", TRANSACTION_WATCHDOG_S):
+                if self._txn_started is None:
+                    self.producer.begin_transaction()
+                if offsets:
+                    self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
+                                                              KAFKA_TIMEOUT_S)
+                self.producer.commit_transaction(KAFKA_TIMEOUT_S)
         except KafkaException as exc:
-            err = exc.args[0]
-            if err.fatal():
-                raise FatalWorkerError(f"transaction failed fatally: {err.str()}") from exc
-            # Redis already counted this batch; replaying it from K re-publishes
-            # its side effects and the offset guard skips the counting.
-            log.warning("transaction failed worker=%s reason=%s action=abort_and_rewind", self.name, err.str())
-            self._abort()
-            self._rewind_to_committed()
+            self._transaction_failed(exc)
             return
+        self._txn_started = None
         for tp in offsets:
             self.committed[Source(tp.topic, tp.partition)] = tp.offset
         self._last_commit = time.monotonic()
 
-    def _transaction(self, out: list[OutMessage], offsets: list[TopicPartition]) -> None:
-        with self.watchdog.armed("kafka transaction", TRANSACTION_WATCHDOG_S):
-            self.producer.begin_transaction()
-            for m in out:
-                self._produce(m)
-            if offsets:
-                self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
-                                                          KAFKA_TIMEOUT_S)
-            self.producer.commit_transaction(KAFKA_TIMEOUT_S)
+    def _transaction_failed(self, exc: KafkaException) -> None:
+        err = exc.args[0]
+        if err.fatal():
+            raise FatalWorkerError(f"transaction failed fatally: {err.str()}") from exc
+        # Redis has counted what the transaction covered; replaying from K
+        # re-publishes its messages and the offset guard skips the counting.
+        log.warning("transaction failed worker=%s reason=%s action=abort_and_rewind", self.name, err.str())
+        self._rewind()
 
     def _produce(self, m: OutMessage) -> None:
         while True:
@@ -400,28 +429,37 @@ class BatchWorker:
         self.producer.poll(0)
 
     def _abort(self) -> None:
+        """Abort the open transaction, if any: its messages never become visible."""
+        if self._txn_started is None:
+            return
         wait_for(lambda: _transaction_call(lambda: self.producer.abort_transaction(KAFKA_TIMEOUT_S), "abort"),
                  "kafka (abort transaction)", should_stop=self.stop)
+        self._txn_started = None
 
-    def _rewind_to_committed(self) -> None:
+    def _rewind(self, lost: set[Source] = frozenset(), behind: dict[Source, int] | None = None) -> None:
+        """Abort, then re-read every source from min(R, K).
+
+        Sources whose Redis state vanished (R unknown) restart from the log start;
+        sources whose state went back restart from the stored R if earlier than K.
+        """
+        self._abort()
+        for source in lost:
+            self.known[source] = None
+        for source, stored in (behind or {}).items():
+            self.known[source] = stored
         for source in self.sources:
-            self.position[source] = self.committed.get(source)
+            self.position[source] = self._resume_at(source)
         log.info("rewind worker=%s positions=%s", self.name,
-                 {str(s): p for s, p in self.position.items()})
+                 ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()))
         self._assign()
 
     def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None) -> None:
-        """Re-read sources whose Redis state vanished (from the start) or went back (from there)."""
         for source in lost:
             log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
-            self.known[source] = None
-            self.position[source] = None
         for source, stored in (behind or {}).items():
             log.warning("state behind worker=%s source=%s known=%s stored=%s action=rewind",
                         self.name, source, self.known[source], stored)
-            self.known[source] = stored
-            self.position[source] = stored
-        self._assign()
+        self._rewind(lost, behind)
 
     # -- housekeeping ----------------------------------------------------------------
     def _drop_errors(self, messages: list[Message]) -> list[Message]:
@@ -457,8 +495,7 @@ class BatchWorker:
             lost = {s for s, ok in found.items() if not ok and self.known.get(s) is not None}
             if lost:
                 self._rebuild(lost)
-        if self._uncommitted() and now - self._last_commit >= COMMIT_INTERVAL_S:
-            self._commit([])
+        self._maybe_commit()
         if now - self._last_log >= 1.0 and self._batches_since_log:
             self.log_progress(now - self._last_log)
             self._counted_since_log = 0
