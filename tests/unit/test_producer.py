@@ -1,0 +1,28 @@
+import itertools
+import uuid
+
+from workers.producer import RateLimiter, random_orders
+from workers.processing import validate
+
+
+def take(n, seed=None):
+    return list(itertools.islice(random_orders(seed), n))
+
+
+def test_orders_are_valid_and_ids_are_uuid4():
+    for order in take(1000):
+        validate(order, max_price=1e6)
+        assert uuid.UUID(order["orderId"]).version == 4
+
+
+def test_ids_are_unique_across_runs_even_with_the_same_seed():
+    first, second = take(5000, seed=42), take(5000, seed=42)
+    ids = [o["orderId"] for o in first + second]
+    assert len(set(ids)) == len(ids)
+    # the seed fixes what is ordered, not who ordered it
+    assert [(o["product"], o["price"]) for o in first] == [(o["product"], o["price"]) for o in second]
+
+
+def test_unlimited_rate_never_waits():
+    limiter = RateLimiter(0, stop=lambda: False)
+    limiter.wait(producer=None)  # would fail calling poll() on None if it waited
