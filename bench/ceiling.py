@@ -1,8 +1,13 @@
 """The ceiling: bare confluent_kafka consumers that only decode every order with fastavro.
 
 Three processes, one consumer per partition (the pool has one worker process per
-partition too), with the workers' consumer configuration. Each reader assigns
-its partition when all are ready, reads exactly the pre-produced messages
+partition too), each with librdkafka's default configuration (no group
+membership: explicit assignment, no commits) except ``fetch.queue.backoff.ms``
+10 instead of 1000: with the default, once the local queue holds
+``queued.min.messages`` librdkafka stops fetching for up to a second, and a
+reader that empties the queue faster than that sits idle (measured: the same
+readers vary between 190k and 610k orders/s with the default). Each reader assigns its partition
+when all are ready, reads exactly the pre-produced messages
 (asking for no more than remain, so the last batch never waits on a timeout)
 and decodes each value with ``schemaless_reader`` after the 5-byte header.
 
@@ -21,7 +26,6 @@ from dataclasses import dataclass
 import fastavro
 from confluent_kafka import Consumer, TopicPartition
 
-from workers.clients import consumer_conf
 from workers.serde import load_schema
 from workers.settings import Settings
 
@@ -41,10 +45,12 @@ class ReaderResult:
 
 
 def read_partition(env: dict, partition: int, count: int, ready, go, results) -> None:
-    """Child process: read and decode ``count`` messages of one partition."""
+    """Child process: read and decode the ``count`` messages of one partition."""
     settings = Settings.from_env(env)
     schema = fastavro.parse_schema(load_schema(settings.schema_path))
-    consumer = Consumer(consumer_conf(settings, f"{settings.group_prefix}-ceiling"))
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers,
+                         "group.id": settings.group_id("ceiling"), "enable.auto.commit": False,
+                         "fetch.queue.backoff.ms": 10})
     ready.release()
     go.wait()
     consumer.assign([TopicPartition(settings.orders_topic, partition, 0)])

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from tests.conftest import isolated_env
 from workers.clients import make_admin, make_producer, make_redis, make_registry
 from workers.producer import DeliveryTally, produce_orders
-from workers.serde import OrderSerde, load_schema
+from workers.serde import OrderSerde, load_schema, subject_for
 from workers.settings import Settings
 from workers.store import AggregateStore
 from workers.topics import ensure_topics
@@ -36,6 +36,8 @@ def bench_env(name: str, **extra: str) -> dict[str, str]:
         "PRODUCE_RATE": "0.001",      # the supervised producer's first order would be due in 1000 s
         "RETRY_BACKOFF_MS": "1000",   # the production default (isolated_env shortens it for tests)
     }
+    if os.environ.get("PYTHONPATH"):  # e.g. benchmarking a patched copy of the repo
+        defaults["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return isolated_env(f"bench-{name}", **{**defaults, **extra})
 
 
@@ -54,6 +56,12 @@ class Resources:
         self._settings.append(settings)
         return settings
 
+    def names(self) -> dict[str, list[str]]:
+        """What the run created, by kind (written to the JSON so a test can check the clean-up)."""
+        return {"topics": sorted({t for s in self._settings for t in (s.orders_topic, s.retry_topic, s.dlq_topic)}),
+                "redis_prefixes": sorted({s.redis_prefix for s in self._settings}),
+                "group_prefixes": sorted({s.group_prefix for s in self._settings})}
+
     def cleanup(self) -> None:
         if not self._settings:
             return
@@ -66,7 +74,18 @@ class Resources:
                   if g.group_id.startswith(prefixes)]
         _wait_all(admin.delete_consumer_groups(groups, request_timeout=30) if groups else {})
         keys = sum(AggregateStore(make_redis(s), s.redis_prefix).clear() for s in self._settings)
-        log.info("cleanup topics=%d groups=%d redis_keys=%d", len(topics), len(groups), keys)
+        subjects = delete_subjects(self._settings[0], [subject_for(t) for t in topics])
+        log.info("cleanup topics=%d groups=%d redis_keys=%d subjects=%d", len(topics), len(groups), keys, subjects)
+
+
+def delete_subjects(settings: Settings, subjects: list[str]) -> int:
+    """Delete (soft, then for good) the registry subjects among ``subjects``; returns how many."""
+    registry = make_registry(settings)
+    existing = set(registry.get_subjects()) & set(subjects)
+    for subject in existing:
+        registry.delete_subject(subject, permanent=False)
+        registry.delete_subject(subject, permanent=True)
+    return len(existing)
 
 
 def _wait_all(futures: dict) -> None:

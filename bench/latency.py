@@ -2,20 +2,27 @@
 
 Each partition worker records, per counted order, (time its batch was applied
 in Redis) - (the order's Kafka timestamp, set by the producer) and publishes the
-histogram in its heartbeat (``workers/latency.py``). The pool starts fresh on
-empty topics, a warm-up run is produced first, then each repetition runs
-``orders produce --rate R --count N``; its figures come from the histograms after
-it minus those before it (``max_ms`` is the highest bucket that grew, capped by
-the reported maximum), once every counted order is in a published histogram.
+histogram in its heartbeat with every batch (``workers/latency.py``).
+
+The pool starts fresh on empty topics (no backlog). One ``orders produce --rate R``
+process runs throughout; once orders are being counted, a warm-up period is
+skipped (the producer's first messages wait for its connection and producer id,
+up to ~0.5 s: that is start-up, not steady state), then each repetition is a
+window of ``seconds``: its figures come from the merged histograms at its end
+minus those at its start (``max_ms`` is the highest bucket that grew, capped by
+the reported maximum). The producer is stopped (SIGTERM) after the last window.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from tests.pool import SupervisedPool, run_orders
+from tests.pool import ORDERS, SupervisedPool
 from workers.clients import make_redis
 from workers.latency import merge
 from workers.settings import Settings
@@ -27,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class Histograms:
-    """The partition workers' heartbeats: totals counted and merged latency buckets."""
+    """The partition workers' heartbeats: orders counted and merged latency buckets."""
 
     def __init__(self, settings: Settings):
         self.store = AggregateStore(make_redis(settings), settings.redis_prefix)
@@ -43,19 +50,16 @@ class Histograms:
             max_ms = max(max_ms, beat["latency"]["max_ms"])
         return snap["total"].count, buckets, max_ms
 
-    def wait_published(self, expected: int, timeout: float = 60) -> tuple[dict[int, int], int]:
-        """Wait until ``expected`` orders are counted and all of them are in the published histograms."""
+    def wait_counting(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            counted, buckets, max_ms = self.read()
-            if counted >= expected and sum(buckets.values()) >= counted:
-                return buckets, max_ms
-            time.sleep(0.2)
-        raise TimeoutError(f"latency: {expected} orders not counted and published within {timeout} s")
+        while self.read()[0] == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"latency: nothing counted within {timeout} s")
+            time.sleep(0.1)
 
 
 def window(before: dict[int, int], after: dict[int, int], max_ms: int) -> dict:
-    """p50/p99/max of the orders counted between two histogram snapshots."""
+    """count, p50/p99/max (ms) of the orders counted between two histogram snapshots."""
     delta = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
     summary = merge([{"buckets": {str(k): v for k, v in delta.items()}, "max_ms": 0}])
     summary["max_ms"] = min(max(delta), max_ms) if delta else None
@@ -67,30 +71,41 @@ def measure_latency(env: dict, rate: float, seconds: float, reps: int, warmup_s:
     settings = Settings.from_env(env)
     hist = Histograms(settings)
     processes: dict[int, float] = {}
-    results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
         pool = SupervisedPool(env, Path(folder))
         try:
             pool.start()
             processes = process_times(pool.pid(f"consumer:consumer-{p}") for p in range(settings.partitions))
-            produced = _produce(env, rate, int(rate * warmup_s))
-            buckets, max_ms = hist.wait_published(produced)
-            for _ in range(reps):
-                produced += _produce(env, rate, int(rate * seconds))
-                after, max_ms = hist.wait_published(produced)
-                results.append(window(buckets, after, max_ms))
-                log.info("latency rate=%s %s", rate, results[-1])
-                buckets = after
+            return _windows(env, hist, rate, seconds, reps, warmup_s)
         except BaseException:
             log.error("pool logs:\n%s", pool.logs())
             raise
         finally:
             pool.stop()
             kill_leftovers(processes)
-    return results
 
 
-def _produce(env: dict, rate: float, count: int) -> int:
-    run_orders(env, "produce", "--rate", str(rate), "--count", str(count), timeout=count / rate + 60)
-    return count
-
+def _windows(env: dict, hist: Histograms, rate: float, seconds: float, reps: int, warmup_s: float) -> list[dict]:
+    count = int(rate * (warmup_s + reps * seconds + 60))  # more than needed: stopped after the last window
+    producer = subprocess.Popen([ORDERS, "produce", "--rate", str(rate), "--count", str(count)],
+                                env={"PATH": os.environ["PATH"], **env}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        hist.wait_counting()
+        time.sleep(warmup_s)
+        _, before, _ = hist.read()
+        results = []
+        for _ in range(reps):
+            time.sleep(seconds)
+            _, after, max_ms = hist.read()
+            results.append(window(before, after, max_ms))
+            log.info("latency rate=%s %s", rate, results[-1])
+            before = after
+        return results
+    finally:
+        producer.send_signal(signal.SIGTERM)
+        try:
+            producer.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            producer.kill()
+            producer.wait()

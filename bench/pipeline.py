@@ -131,6 +131,8 @@ def drain(env: dict, total: int, timeout: float) -> dict:
 def summarise(watcher: Watcher, failure_rate: float) -> dict:
     first, last = watcher.first, watcher.last
     window_s = (last.at_ms - first.at_ms) / 1000
+    if window_s <= 0:
+        raise RuntimeError("the backlog was drained in one batch per worker: produce more orders")
     result = {
         "orders_per_s": (last.counted - first.counted) / window_s,     # counted on the first attempt
         "handled_per_s": (last.handled - first.handled) / window_s,    # every message of the backlog

@@ -1,0 +1,131 @@
+"""The benchmark's command line: run the parts, take medians, print the table, write the JSON.
+
+Every figure is the median of ``--reps`` repetitions from this one run; what
+each measures, and how, is in the docstring of its module and in
+bench/RESULTS.md. Everything the run creates (topics, Redis keys, consumer
+groups, processes) is removed at the end, also when it fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .ceiling import measure_ceiling
+from .common import Resources, bench_env, preproduce
+from .latency import measure_latency
+from .naive import measure_naive
+from .pipeline import drain
+from .producer import measure_producer
+from .report import build_report, render_table
+
+log = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parent.parent
+PARTS = ("ceiling", "pipeline", "failures", "latency", "producer", "naive")
+BACKLOG_PARTS = {"ceiling", "pipeline", "failures", "naive"}
+CEILING_MIN_REPS = 5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--orders", type=int, default=500_000, help="pre-produced backlog (default 500000)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per figure (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 30000 orders, 1 repetition, short latency/naive windows")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default: all of {PARTS})")
+    p.add_argument("--latency-rate", type=float, default=2000.0, help="orders/s for the latency run")
+    p.add_argument("--latency-seconds", type=float, default=10.0, help="seconds per latency repetition")
+    p.add_argument("--producer-orders", type=int, default=200_000, help="orders per producer repetition")
+    p.add_argument("--naive-seconds", type=float, default=5.0, help="seconds per naive repetition")
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json",
+                   help="where to write the results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.orders, args.reps = min(args.orders, 30_000), 1
+        args.latency_seconds, args.producer_orders, args.naive_seconds = 2.0, 20_000, 1.0
+    # The ceiling is cheap and the most sensitive to other load on the machine: at least 5 repetitions.
+    args.ceiling_reps = args.reps if args.quick else max(args.reps, CEILING_MIN_REPS)
+    args.parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    return args
+
+
+def run_parts(args: argparse.Namespace, res: Resources) -> dict:
+    """Run the chosen parts; returns the raw per-repetition results."""
+    raw: dict = {}
+    base = bench_env("backlog")
+    if BACKLOG_PARTS & set(args.parts):
+        ends = preproduce(res.track(base), args.orders)
+        total = sum(ends.values())
+        if "ceiling" in args.parts:
+            raw["ceiling"] = [measure_ceiling(base, ends) for _ in range(args.ceiling_reps)]
+        raw.update(run_drains(args, res, base["ORDERS_TOPIC"], total))
+        if "naive" in args.parts:
+            env = bench_env("naive", ORDERS_TOPIC=base["ORDERS_TOPIC"])
+            res.track(env)
+            raw["naive"] = measure_naive(env, total, args.naive_seconds, args.reps)
+    if "latency" in args.parts:
+        env = bench_env("latency")
+        res.track(env)
+        raw["latency"] = measure_latency(env, args.latency_rate, args.latency_seconds, args.reps, warmup_s=2.0)
+    if "producer" in args.parts:
+        env = bench_env("producer")
+        res.track(env)
+        raw["producer"] = [measure_producer(env, args.producer_orders) for _ in range(args.reps)]
+    return raw
+
+
+def run_drains(args: argparse.Namespace, res: Resources, topic: str, total: int) -> dict[str, list[dict]]:
+    """The pool draining the backlog, failure-free and with 10% failures, repetitions interleaved
+    (so that drift and other load on the machine hit both alike)."""
+    raw: dict[str, list[dict]] = {}
+    parts = [p for p in ("pipeline", "failures") if p in args.parts]
+    for _ in range(args.reps):
+        for part in parts:
+            env = bench_env(part, ORDERS_TOPIC=topic, ORDERS_FAILURE_RATE="0.1" if part == "failures" else "0")
+            res.track(env)
+            raw.setdefault(part, []).append(drain(env, total, timeout=120 + total / 2000))
+    return raw
+
+
+def git_revision() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "workers"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() + ("+dirty-workers" if dirty.stdout.strip() else "")
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # so that the clean-up in the finally blocks runs
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("httpx", "httpx2"):  # the registry client logs every request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started = time.time()
+    load_before = os.getloadavg()
+    res = Resources()
+    try:
+        raw = run_parts(args, res)
+    finally:
+        res.cleanup()
+    meta = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "duration_s": round(time.time() - started, 1), "orders": args.orders, "reps": args.reps,
+            "quick": args.quick, "parts": args.parts, "cpus": os.cpu_count(), "load_before": load_before,
+            "load_after": os.getloadavg(), "revision": git_revision(), "latency_rate": args.latency_rate,
+            "producer_orders": args.producer_orders, "created": res.names()}
+    report = build_report(raw, meta)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(render_table(report))
+    log.info("wrote %s in %.0f s", args.json, meta["duration_s"])

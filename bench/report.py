@@ -1,0 +1,107 @@
+"""From per-repetition results to the medians, ratios, targets and the printed table."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .common import median
+
+# figure -> (label, unit, target text, is the target met)
+ROWS: dict[str, tuple[str, str, str | None, Callable[[float], bool] | None]] = {
+    "ceiling_orders_per_s": ("ceiling: bare consumers, 3 procs x 1 partition, fastavro", "/s", None, None),
+    "pipeline_orders_per_s": ("pipeline: supervised pool drains the backlog", "/s", ">= 50,000/s",
+                              lambda v: v >= 50_000),
+    "pipeline_to_ceiling": ("pipeline / ceiling", "x", ">= 0.5", lambda v: v >= 0.5),
+    "failures_healthy_per_s": ("10% failures: healthy (1st-attempt) orders", "/s", None, None),
+    "failures_handled_per_s": ("10% failures: backlog messages handled", "/s", None, None),
+    "failures_to_failure_free": ("10% failures healthy / failure-free", "x", ">= 0.9", lambda v: v >= 0.9),
+    "latency_p50_ms": ("latency p50 at steady rate", "ms", None, None),
+    "latency_p99_ms": ("latency p99 at steady rate", "ms", "<= 50 ms", lambda v: v <= 50),
+    "latency_max_ms": ("latency max at steady rate", "ms", None, None),
+    "producer_orders_per_s": ("producer: produce_orders (--rate 0)", "/s", None, None),
+    "bare_producer_per_s": ("producer: bare, pre-encoded, same config", "/s", None, None),
+    "producer_to_bare": ("produce_orders / bare producer", "x", ">= 0.8", lambda v: v >= 0.8),
+    "naive_orders_per_s": ("naive tutorial worker, 3 procs", "/s", None, None),
+    "pipeline_to_naive": ("pipeline / naive", "x", None, None),
+    "rss_peak_mb_max": ("worker RSS peak, highest worker", "MB", "<= 100 MB", lambda v: v <= 100),
+}
+
+
+class Figures:
+    """Medians of repetitions (kept alongside) and ratios of medians."""
+
+    def __init__(self):
+        self.values: dict[str, float] = {}
+        self.reps: dict[str, list[float]] = {}
+
+    def median_of(self, name: str, values: list[float]) -> None:
+        self.values[name] = median(values)
+        self.reps[name] = values
+
+    def ratio(self, name: str, top: str, bottom: str) -> None:
+        if top in self.values and bottom in self.values:
+            self.values[name] = self.values[top] / self.values[bottom]
+
+
+def build_report(raw: dict, meta: dict) -> dict:
+    f = Figures()
+    if "ceiling" in raw:
+        f.median_of("ceiling_orders_per_s", [r["orders_per_s"] for r in raw["ceiling"]])
+    if "pipeline" in raw:
+        f.median_of("pipeline_orders_per_s", [r["orders_per_s"] for r in raw["pipeline"]])
+    if "failures" in raw:
+        f.median_of("failures_healthy_per_s", [r["orders_per_s"] for r in raw["failures"]])
+        f.median_of("failures_handled_per_s", [r["handled_per_s"] for r in raw["failures"]])
+    if "latency" in raw:
+        for q in ("p50", "p99", "max"):
+            f.median_of(f"latency_{q}_ms", [r[f"{q}_ms"] for r in raw["latency"]])
+    if "producer" in raw:
+        f.median_of("producer_orders_per_s", [r["orders_per_s"] for r in raw["producer"]])
+        f.median_of("bare_producer_per_s", [r["bare_per_s"] for r in raw["producer"]])
+    if "naive" in raw:
+        f.median_of("naive_orders_per_s", raw["naive"])
+    f.ratio("pipeline_to_ceiling", "pipeline_orders_per_s", "ceiling_orders_per_s")
+    f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s")
+    f.ratio("producer_to_bare", "producer_orders_per_s", "bare_producer_per_s")
+    f.ratio("pipeline_to_naive", "pipeline_orders_per_s", "naive_orders_per_s")
+    rss = rss_peaks(raw)
+    if rss:
+        f.values["rss_peak_mb_max"] = max(rss.values())
+    figures = {k: f.values[k] for k in ROWS if k in f.values}
+    targets = {k: {"target": ROWS[k][2], "met": ROWS[k][3](v)} for k, v in figures.items() if ROWS[k][3]}
+    return {"meta": meta, "figures": figures, "repetitions": f.reps, "targets": targets,
+            "rss_peak_mb": rss, "raw": raw}
+
+
+def rss_peaks(raw: dict) -> dict[str, float]:
+    """Each pool worker's highest RSS over every drain (failure-free and with failures)."""
+    peaks: dict[str, float] = {}
+    for run in raw.get("pipeline", []) + raw.get("failures", []):
+        for name, mb in run["rss_peak_mb"].items():
+            peaks[name] = max(peaks.get(name, 0.0), mb)
+    return peaks
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "x":
+        return f"{value:.2f}"
+    return f"{value:,.0f} {unit}" if unit == "ms" else f"{value:.1f} {unit}"
+
+
+def render_table(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"orders benchmark: {meta['orders']:,} orders backlog, median of {meta['reps']} rep(s), "
+             f"{meta['cpus']} CPUs, load {meta['load_before'][0]:.1f} -> {meta['load_after'][0]:.1f}, "
+             f"{meta['duration_s']:.0f} s, revision {meta['revision']}",
+             f"{'figure':<58} {'median':>12}  {'repetitions':<36} {'target':<12} met"]
+    for name, value in report["figures"].items():
+        label, unit, target, _ = ROWS[name]
+        reps = report["repetitions"].get(name, [])
+        shown = ", ".join(_fmt(v, unit) for v in reps) if len(reps) > 1 else ""
+        met = report["targets"].get(name, {}).get("met")
+        lines.append(f"{label:<58} {_fmt(value, unit):>12}  {shown:<36} {target or '':<12} "
+                     f"{'' if met is None else ('yes' if met else 'NO')}")
+    for name, mb in report["rss_peak_mb"].items():
+        lines.append(f"  RSS peak {name:<48} {mb:>9.1f} MB")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Smoke run of the benchmark (``bench/run.py --quick``), so that the script cannot rot.
+
+Checks that the JSON has every figure as a positive number and that the run
+removed what it created: topics, registry subjects, Redis keys, consumer groups
+and processes.
+Performance targets are reported by the benchmark, never asserted here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from bench.report import ROWS
+
+from ..conftest import stack_env
+from ..pool import REPO
+
+pytestmark = pytest.mark.timeout(120)  # a last resort: the run is stopped (and cleans up) after 80 s
+
+RUN_LIMIT_S = 80
+
+
+def run_quick(out) -> subprocess.CompletedProcess:
+    """Run the smoke benchmark; past RUN_LIMIT_S, SIGTERM it (it then stops its pools and deletes what it made)."""
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--json", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"bench/run.py --quick took more than {RUN_LIMIT_S} s: {stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_quick_benchmark_reports_every_figure_and_cleans_up(tmp_path):
+    out = tmp_path / "bench.json"
+    started = time.time()
+    run = run_quick(out)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    report = json.loads(out.read_text())
+    figures = report["figures"]
+    assert set(figures) == set(ROWS), f"missing figures: {set(ROWS) - set(figures)}"
+    for name, value in figures.items():
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), name
+        assert math.isfinite(value) and value > 0, f"{name}={value}"
+    assert set(report["rss_peak_mb"]) == {"partition-0", "partition-1", "partition-2", "retry"}
+    assert "figure" in run.stdout and "pipeline / ceiling" in run.stdout  # the table
+
+    assert_cleaned_up(report["meta"]["created"], started)
+
+
+def assert_cleaned_up(created: dict, started: float) -> None:
+    env = stack_env()
+    topics = AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"]}).list_topics(timeout=10).topics
+    assert not set(created["topics"]) & set(topics)
+    groups = AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"]}).list_consumer_groups().result(10)
+    assert not [g.group_id for g in groups.valid if g.group_id.startswith(tuple(created["group_prefixes"]))]
+    subjects = SchemaRegistryClient({"url": env["SCHEMA_REGISTRY_URL"]}).get_subjects()
+    assert not {f"{t}-value" for t in created["topics"]} & set(subjects)
+    r = redis.Redis.from_url(env["REDIS_URL"])
+    for prefix in created["redis_prefixes"]:
+        assert not list(r.scan_iter(match=f"{{{prefix}}}:*", count=1000)), prefix
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
+                 if p.info["create_time"] and p.info["create_time"] >= started
+                 and any("bench-pool-" in part for part in p.info["cmdline"] or ())]
+    assert not leftovers, f"processes left running: {leftovers}"
