@@ -17,9 +17,11 @@ from .errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCHEMA_PATH = REPO_ROOT / "schemas" / "order.avsc"
 
-# Environment variables with a KAFKA_ prefix that are not listed here become
-# librdkafka settings: KAFKA_SECURITY_PROTOCOL -> security.protocol.
-_KAFKA_OWN_VARS = {"KAFKA_BOOTSTRAP_SERVERS"}
+# Environment variables with a KAFKA_ prefix become librdkafka settings
+# (KAFKA_SECURITY_PROTOCOL -> security.protocol), except our own and those that
+# configure a Kafka *server* (scripts/stack's ports, Kafka's own *_OPTS).
+_KAFKA_OWN_VARS = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "KAFKA_VERSION",
+                   "KAFKA_JAVA", "KAFKA_HOME", "KAFKA_CLUSTER_ID"}
 _SECRET_WORDS = ("password", "secret", "key", "token", "user.info", "jaas")
 
 
@@ -146,7 +148,7 @@ class Settings:
 def _kafka_extra(env: Mapping[str, str]) -> dict[str, str]:
     extra = {}
     for var, value in env.items():
-        if var.startswith("KAFKA_") and var not in _KAFKA_OWN_VARS:
+        if var.startswith("KAFKA_") and var not in _KAFKA_OWN_VARS and not var.endswith("_OPTS"):
             key = var[len("KAFKA_"):].lower().replace("_", ".")
             if not re.fullmatch(r"[a-z0-9.]+", key):
                 raise ConfigError(f"{var} does not name a librdkafka setting")

@@ -42,6 +42,12 @@ def test_kafka_extras_become_librdkafka_keys():
     assert s.bootstrap_servers == "b:9092"
 
 
+def test_server_side_kafka_variables_are_not_client_settings():
+    s = Settings.from_env({"KAFKA_PORT": "19092", "KAFKA_CONTROLLER_PORT": "19093", "KAFKA_HEAP_OPTS": "-Xmx1g",
+                           "KAFKA_OPTS": "-Dx=1", "KAFKA_CLIENT_ID": "orders-1"})
+    assert s.kafka_extra == {"client.id": "orders-1"}
+
+
 def test_secrets_never_appear_in_describe_or_repr():
     s = Settings.from_env({"KAFKA_SASL_PASSWORD": "hunter2", "REDIS_URL": "redis://:s3cret@h:6379/0",
                            "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": "u:pw-xyz"})
