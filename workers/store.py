@@ -21,9 +21,10 @@ from .errors import ServiceUnavailable
 
 # KEYS: source, total, heartbeat, replayed-orders set, target_0 .. target_k
 # ARGV: known offset (what the worker last saw stored, '' for none), to_offset,
-#       heartbeat_value, heartbeat_ttl_ms, now_ms, then
-#       per message at or past the stored offset's candidates, in offset order:
-#       (offset, code, cents, replay tag). code >= 0: counted into target <code>;
+#       heartbeat_value, heartbeat_ttl_ms, now_ms, items: one JSON array (a single
+#       argument: packing thousands of arguments costs redis-py more than the
+#       whole script) of [offset, code, cents, replay tag] per message, in offset
+#       order. code >= 0: counted into target <code>;
 #       -1: dead-lettered; -2: sent to the retry topic. A non-empty replay tag
 #       (the orderId of a replayed dead letter) counts only the first time.
 # Returns {status, counted, offset, total count, total cents}: status 1 applied;
@@ -43,17 +44,17 @@ else
 end
 local counts, cents = {}, {}
 local counted, counted_cents, dead, retried, duplicates = 0, 0, 0, 0, 0
-for i = 6, #ARGV, 4 do
-  if tonumber(ARGV[i]) >= stored then
-    local code = tonumber(ARGV[i + 1])
+for _, item in ipairs(cjson.decode(ARGV[6])) do
+  if item[1] >= stored then
+    local code = item[2]
     if code == -1 then
       dead = dead + 1
     elseif code == -2 then
       retried = retried + 1
-    elseif ARGV[i + 3] ~= '' and redis.call('SADD', replayed, ARGV[i + 3]) == 0 then
+    elseif item[4] ~= '' and redis.call('SADD', replayed, item[4]) == 0 then
       duplicates = duplicates + 1
     else
-      local c = tonumber(ARGV[i + 2])
+      local c = item[3]
       counts[code] = (counts[code] or 0) + 1
       cents[code] = (cents[code] or 0) + c
       counted = counted + 1
@@ -208,9 +209,9 @@ class AggregateStore:
                 targets = sorted({target for _, target, _, _ in batch.items if target >= 0})
                 index = {target: i for i, target in enumerate(targets)}
                 known = "" if batch.known_offset is None else batch.known_offset
-                args: list = [known, batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms]
-                for offset, target, cents, tag in batch.items:
-                    args.extend((offset, index[target] if target >= 0 else target, cents, tag))
+                items = json.dumps([(offset, index[target] if target >= 0 else target, cents, tag)
+                                    for offset, target, cents, tag in batch.items])
+                args = [known, batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms, items]
                 keys = [self.source_key(batch.source), self.total_key, self.heartbeat_key(worker),
                         self.replayed_key, *(self.partition_key(t) for t in targets)]
                 self._apply(keys=keys, args=args, client=pipe)
