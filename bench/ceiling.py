@@ -51,6 +51,9 @@ def read_partition(env: dict, partition: int, count: int, ready, go, results) ->
     consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers,
                          "group.id": settings.group_id("ceiling"), "enable.auto.commit": False,
                          "fetch.queue.backoff.ms": 10})
+    # Connected to the partition's leader before the start: else a reader may get its first
+    # batch a second after the others, and the three do not run side by side.
+    consumer.get_watermark_offsets(TopicPartition(settings.orders_topic, partition), timeout=10)
     ready.release()
     go.wait()
     consumer.assign([TopicPartition(settings.orders_topic, partition, 0)])

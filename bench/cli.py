@@ -121,6 +121,7 @@ def main(argv=None) -> None:
         res.cleanup()
     meta = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "duration_s": round(time.time() - started, 1), "orders": args.orders, "reps": args.reps,
+            "ceiling_reps": args.ceiling_reps,
             "quick": args.quick, "parts": args.parts, "cpus": os.cpu_count(), "load_before": load_before,
             "load_after": os.getloadavg(), "revision": git_revision(), "latency_rate": args.latency_rate,
             "producer_orders": args.producer_orders, "created": res.names()}

@@ -71,7 +71,7 @@ def measure_latency(env: dict, rate: float, seconds: float, reps: int, warmup_s:
     settings = Settings.from_env(env)
     hist = Histograms(settings)
     processes: dict[int, float] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
+    with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
         pool = SupervisedPool(env, Path(folder))
         try:
             pool.start()

@@ -112,7 +112,7 @@ def drain(env: dict, total: int, timeout: float) -> dict:
     settings = Settings.from_env(env)
     store = AggregateStore(make_redis(settings), settings.redis_prefix)
     watcher = Watcher(store, [Source(settings.orders_topic, p) for p in range(settings.partitions)], total)
-    with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
+    with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
         pool = SupervisedPool(env, Path(folder))
         watcher.start()
         try:

@@ -100,7 +100,7 @@ def main() -> None:
     processes: dict[int, float] = {}
     try:
         preproduce(settings, args.orders)
-        with tempfile.TemporaryDirectory(prefix="bench-pool-") as folder:
+        with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
             pool = SupervisedPool(env, Path(folder))
             starter = threading.Thread(target=pool.start, daemon=True)
             starter.start()

@@ -37,8 +37,15 @@ class Figures:
         self.values[name] = median(values)
         self.reps[name] = values
 
-    def ratio(self, name: str, top: str, bottom: str) -> None:
-        if top in self.values and bottom in self.values:
+    def ratio(self, name: str, top: str, bottom: str, paired: bool = False) -> None:
+        """Ratio of medians or, for ``paired`` repetitions (run back to back or interleaved), the
+        median of per-repetition ratios, which a slow spell on the machine skews less."""
+        if top not in self.values or bottom not in self.values:
+            return
+        tops, bottoms = self.reps.get(top, []), self.reps.get(bottom, [])
+        if paired and len(tops) > 1 and len(tops) == len(bottoms):
+            self.median_of(name, [t / b for t, b in zip(tops, bottoms)])
+        else:
             self.values[name] = self.values[top] / self.values[bottom]
 
 
@@ -60,8 +67,8 @@ def build_report(raw: dict, meta: dict) -> dict:
     if "naive" in raw:
         f.median_of("naive_orders_per_s", raw["naive"])
     f.ratio("pipeline_to_ceiling", "pipeline_orders_per_s", "ceiling_orders_per_s")
-    f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s")
-    f.ratio("producer_to_bare", "producer_orders_per_s", "bare_producer_per_s")
+    f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s", paired=True)
+    f.ratio("producer_to_bare", "producer_orders_per_s", "bare_producer_per_s", paired=True)
     f.ratio("pipeline_to_naive", "pipeline_orders_per_s", "naive_orders_per_s")
     rss = rss_peaks(raw)
     if rss:
@@ -91,17 +98,21 @@ def _fmt(value: float, unit: str) -> str:
 
 def render_table(report: dict) -> str:
     meta = report["meta"]
-    lines = [f"orders benchmark: {meta['orders']:,} orders backlog, median of {meta['reps']} rep(s), "
-             f"{meta['cpus']} CPUs, load {meta['load_before'][0]:.1f} -> {meta['load_after'][0]:.1f}, "
-             f"{meta['duration_s']:.0f} s, revision {meta['revision']}",
-             f"{'figure':<58} {'median':>12}  {'repetitions':<36} {'target':<12} met"]
+    rows = []
     for name, value in report["figures"].items():
         label, unit, target, _ = ROWS[name]
         reps = report["repetitions"].get(name, [])
-        shown = ", ".join(_fmt(v, unit) for v in reps) if len(reps) > 1 else ""
         met = report["targets"].get(name, {}).get("met")
-        lines.append(f"{label:<58} {_fmt(value, unit):>12}  {shown:<36} {target or '':<12} "
-                     f"{'' if met is None else ('yes' if met else 'NO')}")
+        rows.append((label, _fmt(value, unit), ", ".join(_fmt(v, unit) for v in reps) if len(reps) > 1 else "",
+                     target or "", "" if met is None else ("yes" if met else "NO")))
+    width = max([len("repetitions")] + [len(r[2]) for r in rows])
+    lines = [f"orders benchmark: {meta['orders']:,} orders backlog, median of {meta['reps']} rep(s) "
+             f"({meta.get('ceiling_reps', meta['reps'])} for the ceiling), {meta['cpus']} CPUs, "
+             f"load {meta['load_before'][0]:.1f} -> {meta['load_after'][0]:.1f}, {meta['duration_s']:.0f} s, "
+             f"revision {meta['revision']}",
+             f"{'figure':<58} {'median':>12}  {'repetitions':<{width}}  {'target':<12} met"]
+    for label, value, reps, target, met in rows:
+        lines.append(f"{label:<58} {value:>12}  {reps:<{width}}  {target:<12} {met}")
     for name, mb in report["rss_peak_mb"].items():
         lines.append(f"  RSS peak {name:<48} {mb:>9.1f} MB")
     return "\n".join(lines)
