@@ -81,6 +81,10 @@ def consumer_conf(settings: Settings, group_id: str, **explicit) -> dict:
         "enable.partition.eof": False,
         "fetch.wait.max.ms": 50,
         "queued.min.messages": 20000,
+        # Once the local queue holds queued.min.messages, librdkafka stops fetching
+        # for fetch.queue.backoff.ms (default 1000): a worker that drains 20000
+        # messages in well under a second would then sit idle (profiled: 65% idle).
+        "fetch.queue.backoff.ms": 10,
     })
     conf.update(explicit)
     return conf

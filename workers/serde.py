@@ -121,6 +121,8 @@ class OrderSerde:
             parsed = fastavro.parse_schema(json.loads(schema.schema_str))
         except (ValueError, fastavro.schema.SchemaParseException):
             parsed = None
+        if parsed == self._reader:
+            parsed = self._reader  # the same object: fastavro then skips schema resolution per message
         self._writers[schema_id] = parsed
         return parsed
 

@@ -71,7 +71,9 @@ def assert_cleaned_up(created: dict, started: float) -> None:
     r = redis.Redis.from_url(env["REDIS_URL"])
     for prefix in created["redis_prefixes"]:
         assert not list(r.scan_iter(match=f"{{{prefix}}}:*", count=1000)), prefix
+    # This run's pools live in folders named after its Redis prefixes (other runs may be going on).
+    ours = tuple(f"bench-pool-{prefix}-" for prefix in created["redis_prefixes"])
     leftovers = [p.pid for p in psutil.process_iter(["cmdline", "create_time"])
                  if p.info["create_time"] and p.info["create_time"] >= started
-                 and any("bench-pool-" in part for part in p.info["cmdline"] or ())]
+                 and any(mark in part for part in p.info["cmdline"] or () for mark in ours)]
     assert not leftovers, f"processes left running: {leftovers}"
