@@ -70,7 +70,7 @@ def test_readme_commands_work_as_written(checkout):
         started = run("scripts/start", checkout, env)
         assert started.returncode == 0, started.stdout + started.stderr
         assert "The pool is running" in started.stdout
-        assert started.stdout.count("RUNNING") == 6
+        assert started.stdout.count("RUNNING") == 6, started.stdout[-3000:] + started.stderr[-3000:]
         for command in tour:
             result = run(command, checkout, env)
             assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
