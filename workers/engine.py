@@ -108,10 +108,10 @@ class Decider:
             self._downstream.handle(order, attempt)
             return price_cents(order), None, order
         except PermanentError as exc:
-            return None, self._dead_letter(msg, exc, attempt, provenance), order
+            return None, self.dead_letter(msg, exc, attempt, provenance), order
         except TransientError as exc:
             if attempt >= self._settings.max_attempts:
-                return None, self._dead_letter(msg, exc, attempt, provenance), order
+                return None, self.dead_letter(msg, exc, attempt, provenance), order
             return None, self._retry(msg, exc, attempt + 1, provenance), order
 
     def _origin(self, msg: Message, provenance: Provenance | None) -> Provenance:
@@ -130,7 +130,7 @@ class Decider:
         return OutMessage(Source(msg.topic(), msg.partition()), self._settings.retry_topic, msg.key(), msg.value(),
                           headers, RETRIED)
 
-    def _dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None) -> OutMessage:
+    def dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None = None) -> OutMessage:
         origin = self._origin(msg, provenance)
         headers = dead_letter_headers(origin, attempts=attempts, error_type=exc.error_type,
                                       error_message=str(exc), dead_lettered_at_ms=now_ms())
@@ -139,8 +139,6 @@ class Decider:
         return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, msg.key(), msg.value(),
                           headers, DEAD)
 
-    def dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None = None) -> OutMessage:
-        return self._dead_letter(msg, exc, attempts, provenance)
 
 
 def replay_of(msg: Message) -> str | None:

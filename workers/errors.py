@@ -44,11 +44,6 @@ class OrderError(OrdersError):
     def error_type(self) -> str:
         return type(self).__name__
 
-    def at(self, topic: str, partition: int, offset: int) -> "OrderError":
-        """Attach the message's coordinates (returns self, for ``raise err.at(...)``)."""
-        self.topic, self.partition, self.offset = topic, partition, offset
-        return self
-
 
 class PermanentError(OrderError):
     """Retrying cannot help: the message goes straight to the DLQ."""
