@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import psutil
 import pytest
@@ -28,6 +29,7 @@ from workers.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 ORDERS = str(REPO / ".venv" / "bin" / "orders")
+T = TypeVar("T")
 
 
 def run_orders(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -173,6 +175,18 @@ class Truth:
     @property
     def cents(self) -> int:
         return sum(self.cents_by_partition.values())
+
+
+def wait_until(check: Callable[[], T | None], what: str, timeout: float = 60, interval: float = 0.5) -> T:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        time.sleep(interval)
 
 
 def stats(env: dict) -> dict:

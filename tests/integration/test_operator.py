@@ -15,7 +15,8 @@ from workers.serde import OrderSerde, load_schema
 from workers.settings import Settings
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, SupervisedPool, Truth, dead_letters, read_topic, run_orders, stats, wait_until_quiet
+from ..pool import (ORDERS, SupervisedPool, Truth, dead_letters, read_topic, run_orders, stats,
+                    wait_until, wait_until_quiet)
 from .conftest import cleanup
 
 pytestmark = pytest.mark.timeout(300)
@@ -86,8 +87,8 @@ def test_status_dlq_summary_and_replay(env, tmp_path):
         again = run_orders(fixed_env, "dlq", "replay").stdout
         assert "replayed 0 dead letter(s)" in again and "already replayed" in again
         run_orders(fixed_env, "dlq", "replay", "--again")
-        time.sleep(3)
-        final = status_json(fixed_env)
+        final = wait_until(lambda: (s := status_json(fixed_env))["global"]["duplicate_replays"]
+                           >= len(truth.expected_dead) and s, "the second replay is handled", timeout=60)
         assert final["global"]["count"] == truth.total  # each replayed order counted exactly once
         assert final["global"]["duplicate_replays"] == len(truth.expected_dead)
         letters = dead_letters(fixed_env)
