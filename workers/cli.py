@@ -15,6 +15,7 @@ from .clients import (describe_servers, make_admin, make_consumer, make_producer
 from .dlq import Filters, ReplayFailed, parse_since, read_dead_letters, replay, summarize
 from .engine import StopFlag, now_ms
 from .errors import ConfigError, OrdersError, ServiceUnavailable, StopRequested
+from .logs import printable
 from .partition_worker import PartitionWorker
 from .producer import DeliveryTally, produce_orders
 from .retry_worker import RetryWorker
@@ -37,7 +38,7 @@ class OrdersGroup(click.Group):
             log.info("%s", exc)  # asked to stop: a clean exit, not a failure
         except OrdersError as exc:
             log.error("%s: %s", type(exc).__name__, exc)
-            click.echo(f"error: {exc}", err=True)
+            click.echo(printable(f"error: {exc}"), err=True)
             ctx.exit(1)
 
 
@@ -142,6 +143,7 @@ def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
         settings,
         consumer=make_consumer(settings, kwargs.pop("group_id")),
         producer=make_producer(settings, transactional_id=kwargs.pop("transactional_id")),
+        admin=make_admin(settings),
         store=AggregateStore(make_redis(settings), settings.redis_prefix),
         serde=_serde(settings),
         stop=stop,
@@ -239,7 +241,7 @@ def dlq(ctx: click.Context, follow: bool, limit: int | None, as_json: bool, summ
         else:
             click.echo(f"{data['total']} dead letter(s), {data['replayed']} replayed")
             for error_type, row in data["by_error_type"].items():
-                click.echo(f"  {error_type:<24} {row['count']:>8}  replayed {row['replayed']}")
+                click.echo(f"  {printable(error_type):<24} {row['count']:>8}  replayed {row['replayed']}")
         return
     shown = 0
     for letter in letters:

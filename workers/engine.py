@@ -15,14 +15,24 @@ Exactly-once, without a distributed transaction between Kafka and Redis:
   (decisions are deterministic), publishes their side effects again (the first
   transaction never committed) and Redis skips the counting. A crash before
   Redis leaves R = K: plain replay.
+* Each offset is decided once. Below K the decision is in Kafka: the retry and
+  DLQ topics name every offset they parked (workers/ledger.py), the rest were
+  counted. Between K and R it is in Redis: the batch script keeps a record of
+  each parked decision until K passes it, and a replay publishes that record
+  again. Only offsets at or past both are decided (and sent downstream) anew.
+  So a setting changed between runs never changes an outcome already given.
 * If Redis loses a source's state (flushed, restored from an old file), the
-  worker notices (state missing where it expected some) and rebuilds it by
-  re-reading the source from the start: Redis counts, side effects below K are
-  not repeated.
+  worker notices (state missing where it expected some, at once or within
+  TOUCH_INTERVAL_S when idle) and rebuilds it from the log start by the rule
+  above; if K is gone (expired, group deleted) the log of record stands in.
+* The state is tied to the topics' ids (Redis) and the committed offsets carry
+  their topic's id (Kafka): state of another incarnation of a topic (deleted
+  and created again, a Kafka wiped under a kept Redis) is dropped and rebuilt.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -33,14 +43,20 @@ from typing import Callable, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 
-from .clients import wait_for
+from confluent_kafka import TopicCollection
+from confluent_kafka.admin import AdminClient
+
+from .clients import make_consumer, wait_for
 from .latency import LatencyHistogram
 from .envelope import REPLAY_OF, Provenance, dead_letter_headers, retry_headers
-from .errors import OrderError, OrdersError, PermanentError, ServiceUnavailable, TransientError
+from .errors import (OrderError, OrdersError, PermanentError, RecordedError, ServiceUnavailable,
+                     TransientError)
+from .ledger import Published, published_decisions
 from .processing import Downstream, backoff_ms, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
-from .store import DEAD, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch
+from .store import (DEAD, RESET, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source,
+                    SourceBatch)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +70,10 @@ KAFKA_TIMEOUT_S = 15.0
 # supervisor restarts it and the protocol above makes the restart safe.
 TRANSACTION_WATCHDOG_S = 45.0
 EXIT_STUCK = 3
+
+
+# BatchWorker.prior: what is known of an offset's outcome before deciding it
+NEW, PUBLISHED, COMMITTED, RECORDED, APPLIED = range(5)
 
 
 class FatalWorkerError(OrdersError):
@@ -74,6 +94,7 @@ class OutMessage:
     value: bytes | None
     headers: list
     kind: int  # store.DEAD or store.RETRIED
+    record: str = ""  # the decision, kept in Redis until K passes it (Decider.repeat reads it)
 
 
 @dataclass
@@ -123,22 +144,38 @@ class Decider:
     def _retry(self, msg: Message, exc: OrderError, next_attempt: int, provenance: Provenance | None) -> OutMessage:
         delay = backoff_ms(next_attempt - 1, self._settings.retry_backoff_ms, self._settings.retry_backoff_multiplier)
         origin = self._origin(msg, provenance)
-        headers = retry_headers(origin, attempt=next_attempt, due_at_ms=now_ms() + delay,
-                                error_type=exc.error_type, error_message=str(exc))
+        headers = retry_headers(origin, parked_from=coordinates(msg), attempt=next_attempt,
+                                due_at_ms=now_ms() + delay, error_type=exc.error_type, error_message=str(exc))
         log.info("retry scheduled topic=%s partition=%d offset=%d key=%s attempt=%d delay_ms=%d error=%s",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), next_attempt, delay, exc.error_type)
         return OutMessage(Source(msg.topic(), msg.partition()), self._settings.retry_topic, msg.key(), msg.value(),
-                          headers, RETRIED)
+                          headers, RETRIED, decision_record(RETRIED, next_attempt, exc))
 
     def dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None = None) -> OutMessage:
         origin = self._origin(msg, provenance)
-        headers = dead_letter_headers(origin, attempts=attempts, error_type=exc.error_type,
-                                      error_message=str(exc), dead_lettered_at_ms=now_ms())
+        headers = dead_letter_headers(origin, parked_from=coordinates(msg), attempts=attempts,
+                                      error_type=exc.error_type, error_message=str(exc), dead_lettered_at_ms=now_ms())
         log.info("dead letter topic=%s partition=%d offset=%d key=%s attempts=%d error_type=%s error=%r",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), attempts, exc.error_type, str(exc))
         return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, msg.key(), msg.value(),
-                          headers, DEAD)
+                          headers, DEAD, decision_record(DEAD, attempts, exc))
 
+    def repeat(self, msg: Message, record: str, provenance: Provenance | None) -> OutMessage:
+        """The retry or dead letter a kept decision record says to publish (the downstream is not called)."""
+        kind, attempts, error_type, error_message = json.loads(record)
+        exc = RecordedError(error_type, error_message)
+        if kind == RETRIED:
+            return self._retry(msg, exc, attempts, provenance)
+        return self.dead_letter(msg, exc, attempts, provenance)
+
+
+def decision_record(kind: int, attempts: int, exc: OrderError) -> str:
+    """What Redis keeps of a parked decision until Kafka has it: enough to publish it again."""
+    return json.dumps([kind, attempts, exc.error_type, str(exc)[:500]])
+
+
+def coordinates(msg: Message) -> str:
+    return f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
 
 
 def replay_of(msg: Message) -> str | None:
@@ -150,8 +187,10 @@ def replay_of(msg: Message) -> str | None:
 
 
 def message_key(msg: Message) -> str:
+    """The key for a log line: decoded, with control characters escaped (it is untrusted)."""
+    from .logs import printable
     key = msg.key()
-    return key.decode("utf-8", "replace") if key is not None else "-"
+    return printable(key.decode("utf-8", "replace")) if key is not None else "-"
 
 
 def _transaction_call(call: Callable[[], None], what: str) -> None:
@@ -226,9 +265,10 @@ class BatchWorker:
 
     name = "worker"
 
-    def __init__(self, settings: Settings, *, consumer: Consumer, producer: Producer,
+    def __init__(self, settings: Settings, *, consumer: Consumer, producer: Producer, admin: AdminClient,
                  store: AggregateStore, serde: OrderSerde, stop: Callable[[], bool], manager: str = "none"):
         self.settings = settings
+        self.admin = admin
         self.manager = manager  # supervisor, honcho or none: shown by `orders status`
         self.consumer = consumer
         self.producer = producer
@@ -240,6 +280,11 @@ class BatchWorker:
         self.committed: dict[Source, int | None] = {}   # K: side effects published below this
         self.position: dict[Source, int | None] = {}    # next offset to handle
         self.known: dict[Source, int | None] = {}      # R as last seen in Redis
+        self.records: dict[Source, dict[int, str]] = {}  # parked decisions between K and R, from Redis
+        self.published: Published = {}  # parked offsets below K, from Kafka (only while a replay needs them)
+        self.topic_ids: dict[str, str] = {}
+        self._partitions: dict[str, int] = {}  # of the orders and retry topics: which keys the state has
+        self._offsets_refresh_at = time.monotonic() + settings.offsets_refresh_s
         self._last_touch = 0.0
         self._last_commit = time.monotonic()
         self._counted_since_log = 0
@@ -290,32 +335,122 @@ class BatchWorker:
 
     def start(self) -> None:
         wait_for(lambda: self._init_transactions(), "kafka transactions", should_stop=self.stop)
-        stored = wait_for(lambda: self.store.positions(self.sources), "redis", should_stop=self.stop)
-        committed = wait_for(self._committed_offsets, "kafka committed offsets", should_stop=self.stop)
+        wait_for(self._load_state, "kafka and redis", should_stop=self.stop)
         for source in self.sources:
-            r, k = stored[source], committed[source]
-            self.committed[source] = k
-            self.known[source] = r
-            self.position[source] = self._resume_at(source)
+            position = self.position[source]
             log.info("start worker=%s source=%s counted_to=%s committed_to=%s resume_at=%s",
-                     self.name, source, r, k, self.position[source] if self.position[source] is not None else "beginning")
+                     self.name, source, self.known[source], self.committed[source],
+                     position if position is not None else "beginning")
         self._assign()
 
-    def _resume_at(self, source: Source) -> int | None:
-        """Where to (re)start a source: min(R, K); None (the log start) if either is unknown."""
+    def _load_state(self) -> None:
+        """R and the kept records from Redis, K from Kafka, both checked against today's topics."""
+        ends = self._describe_topics()
+        stored = self.store.positions(self.sources)
+        past_end = {s: r for s, r in stored.items() if r is not None and r > ends[s]}
+        if past_end:
+            # Counted past what the partition holds: the state counts other data
+            # (a truncated log, or a Redis that counted another Kafka).
+            log.warning("state past the end of its partition worker=%s sources=%s ends=%s action=rebuild_all",
+                        self.name, ",".join(f"{s}@{r}" for s, r in past_end.items()),
+                        ",".join(f"{s}@{ends[s]}" for s in past_end))
+            self._ensure_identity(force=True)
+            stored = self.store.positions(self.sources)
+        committed = self._committed_offsets(ends)
+        self.records = self.store.decision_records(self.sources)
+        for source in self.sources:
+            self.known[source], self.committed[source] = stored[source], committed[source]
+        self._resume_all()
+
+    def _describe_topics(self) -> dict[Source, int]:
+        """Learn the topics' ids (and tie Redis's state to them); returns each source's end offset."""
+        names = [self.settings.orders_topic, self.settings.retry_topic, self.settings.dlq_topic]
+        try:
+            futures = self.admin.describe_topics(TopicCollection(names), request_timeout=10)
+            described = {name: future.result() for name, future in futures.items()}
+            ends = {s: self.consumer.get_watermark_offsets(TopicPartition(s.topic, s.partition), timeout=10)[1]
+                    for s in self.sources}
+        except KafkaException as exc:
+            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+        self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
+        self._partitions = {name: len(d.partitions) for name, d in described.items() if name != self.settings.dlq_topic}
+        self._ensure_identity(force=False)
+        return ends
+
+    def _ensure_identity(self, force: bool) -> None:
+        status, stored = self.store.ensure_identity(self.topic_ids, partitions=self._partitions, force=force)
+        if status == RESET and not force:
+            log.warning("state belongs to another incarnation of the topics worker=%s stored_ids=%s "
+                        "current_ids=%s action=rebuild_all", self.name,
+                        ",".join(f"{k}={v}" for k, v in sorted(stored.items())),
+                        ",".join(f"{k}={v}" for k, v in sorted(self.topic_ids.items())))
+
+    def _resume_all(self) -> None:
+        """Set every source's position; read the log of record where the replay goes below K."""
+        need = [s for s in self.sources if self._needs_ledger(s)]
+        self.published = published_decisions(
+            lambda: make_consumer(self.settings, self.settings.group_id(f"{self.name}-ledger")),
+            self.settings, need) if need else {}
+        for source in self.sources:
+            self.position[source] = self._resume_at(source)
+
+    def _needs_ledger(self, source: Source) -> bool:
         r, k = self.known.get(source), self.committed.get(source)
-        return None if r is None or k is None else min(r, k)
+        return r is None or k is None or r < k
+
+    def _resume_at(self, source: Source) -> int | None:
+        """Where to (re)start a source: min(R, K); the log start (None) without R.
+
+        Without K, from R or from the first kept record that Kafka does not have.
+        """
+        r, k = self.known.get(source), self.committed.get(source)
+        if r is None:
+            return None
+        if k is None:
+            published = self.published.get(source, {})
+            return min([r, *(o for o in self.records.get(source, {}) if o not in published)])
+        return min(r, k)
+
+    def prior(self, source: Source, offset: int) -> tuple[int, int | str | None]:
+        """What was already decided about an offset: (NEW, None) if nothing.
+
+        (PUBLISHED, DEAD/RETRIED): parked, and Kafka has it. (COMMITTED, None):
+        counted before K; count it again without deciding (Redis lost it).
+        (RECORDED, record): parked after K, publish the record again.
+        (APPLIED, None): counted in Redis already.
+        """
+        published = self.published.get(source)
+        if published is not None and offset in published:
+            return PUBLISHED, published[offset]
+        k = self.committed.get(source)
+        if k is not None and offset < k:
+            return COMMITTED, None
+        r = self.known.get(source)
+        if r is not None and offset < r:
+            record = self.records.get(source, {}).get(offset)
+            return (RECORDED, record) if record is not None else (APPLIED, None)
+        return NEW, None
 
     def _init_transactions(self) -> None:
         _transaction_call(lambda: self.producer.init_transactions(KAFKA_TIMEOUT_S), "init_transactions")
 
-    def _committed_offsets(self) -> dict[Source, int | None]:
+    def _committed_offsets(self, ends: dict[Source, int]) -> dict[Source, int | None]:
+        """K per source; None where missing, or written for another incarnation of the topic."""
         tps = [TopicPartition(s.topic, s.partition) for s in self.sources]
         try:
             result = self.consumer.committed(tps, timeout=10)
         except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-        return {Source(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in result}
+        committed: dict[Source, int | None] = {}
+        for tp in result:
+            source = Source(tp.topic, tp.partition)
+            valid = tp.offset >= 0 and tp.offset <= ends[source] and tp.metadata in (None, "", self.topic_ids[tp.topic])
+            if tp.offset >= 0 and not valid:
+                log.warning("committed offset not for this topic worker=%s source=%s offset=%d topic_id=%s "
+                            "current_topic_id=%s end=%d action=ignore", self.name, source, tp.offset, tp.metadata,
+                            self.topic_ids[tp.topic], ends[source])
+            committed[source] = tp.offset if valid else None
+        return committed
 
     def _assign(self) -> None:
         tps = [TopicPartition(s.topic, s.partition, self.position[s] if self.position[s] is not None else OFFSET_BEGINNING)
@@ -334,13 +469,71 @@ class BatchWorker:
             log.info("stopped worker=%s", self.name)
 
     # -- the protocol ----------------------------------------------------------------
-    def needs_side_effects(self, source: Source, offset: int) -> bool:
-        committed = self.committed.get(source)
-        return committed is None or offset >= committed
+    def settle(self, batch: SourceBatch, plan: BatchPlan, msg: Message, target: int, attempt: int,
+               provenance: Provenance | None, malformed: PermanentError | None = None) -> bool:
+        """Give one message its outcome: the one already decided (see ``prior``), or a new decision.
+
+        ``target`` is the partition its order counts into, ``attempt`` the attempt it
+        is; a ``malformed`` message is dead-lettered with that error. Returns True
+        when the order was newly counted.
+        """
+        source, offset = batch.source, msg.offset()
+        batch.to_offset = offset + 1
+        how, detail = self.prior(source, offset)
+        if how == APPLIED:
+            return False  # Redis counted it; the batch script skips offsets below R
+        if how == PUBLISHED:
+            assert isinstance(detail, int)
+            batch.park(offset, detail)
+            return False
+        if how == RECORDED:
+            assert isinstance(detail, str)
+            out = self.decider.repeat(msg, detail, provenance)
+            batch.park(offset, out.kind, out.record)
+            plan.out.append(out)
+            return False
+        if how == COMMITTED:
+            self._count_again(batch, msg, target, malformed)
+            return False
+        if malformed is not None:
+            cents, out, order = None, self.decider.dead_letter(msg, malformed, 0), None
+        else:
+            cents, out, order = self.decider.attempt(msg, attempt, provenance)
+        if cents is None:
+            assert out is not None
+            batch.park(offset, out.kind, out.record)
+            plan.out.append(out)
+            return False
+        assert order is not None
+        # A replayed dead letter counts once per orderId, however often it is replayed.
+        batch.count(offset, target, cents, order["orderId"] if self.is_replay(msg, provenance) else "")
+        plan.timestamps_ms.append(msg.timestamp()[1])
+        return True
+
+    def _count_again(self, batch: SourceBatch, msg: Message, target: int, malformed: PermanentError | None) -> None:
+        """An order counted before K whose count Redis lost: count it, without deciding it again."""
+        try:
+            if malformed is not None:
+                raise malformed
+            order = self.serde.decode(msg.value())
+        except OrderError as exc:
+            # Kafka says it was counted (nothing parked it), yet it no longer decodes.
+            log.error("cannot count again offset below K worker=%s source=%s offset=%d reason=%s",
+                      self.name, batch.source, msg.offset(), exc)
+            batch.park(msg.offset(), DEAD)
+            return
+        # Retry messages carry the REPLAY_OF header of their provenance too.
+        batch.count(msg.offset(), target, price_cents(order), order["orderId"] if replay_of(msg) else "")
+
+    @staticmethod
+    def is_replay(msg: Message, provenance: Provenance | None) -> bool:
+        return bool(provenance.replay_of) if provenance is not None else replay_of(msg) is not None
 
     def checkpoint(self, plan: BatchPlan) -> None:
         """Apply the plan to Redis, then add its messages to the open Kafka transaction."""
         batches = [b for b in plan.batches.values() if b.to_offset >= 0]
+        for batch in batches:
+            batch.committed_offset = self.committed.get(batch.source)
         heartbeat = self._heartbeat()
         results = wait_for(lambda: self.store.apply(batches, worker=self.name, heartbeat=heartbeat, now_ms=now_ms()),
                            "redis", should_stop=self.stop)
@@ -385,11 +578,20 @@ class BatchWorker:
                 self._commit()
         elif self._uncommitted() and now - self._last_commit >= COMMIT_INTERVAL_S:
             self._commit()
+        elif now >= self._offsets_refresh_at:
+            # An idle source commits its unchanged K again: Kafka expires the offsets
+            # of a group without members offsets.retention.minutes after their commit.
+            self._offsets_refresh_at = now + self.settings.offsets_refresh_s
+            self._commit(refresh=True)
 
-    def _commit(self) -> None:
+    def _offsets_to_commit(self, refresh: bool = False) -> list[TopicPartition]:
+        """Positions to commit as K, each tagged with its topic's id (see _committed_offsets)."""
+        return [TopicPartition(s.topic, s.partition, p, metadata=self.topic_ids.get(s.topic))
+                for s, p in self.position.items() if p is not None and (refresh or p != self.committed.get(s))]
+
+    def _commit(self, refresh: bool = False) -> None:
         """Commit the open transaction (or one with only offsets) with every position handled."""
-        offsets = [TopicPartition(s.topic, s.partition, p) for s, p in self.position.items()
-                   if p is not None and p != self.committed.get(s)]
+        offsets = self._offsets_to_commit(refresh)
         if self._txn_started is None and not offsets:
             return
         try:
@@ -443,10 +645,12 @@ class BatchWorker:
         self._abort()
         for source in lost:
             self.known[source] = None
+            self.records[source] = {}
         for source, stored in (behind or {}).items():
             self.known[source] = stored
-        for source in self.sources:
-            self.position[source] = self._resume_at(source)
+        if behind:
+            self.records = wait_for(lambda: self.store.decision_records(self.sources), "redis", should_stop=self.stop)
+        wait_for(self._resume_all, "kafka (log of record)", should_stop=self.stop)
         log.info("rewind worker=%s positions=%s", self.name,
                  ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()))
         self._assign()
@@ -486,13 +690,15 @@ class BatchWorker:
         if now - self._last_touch >= TOUCH_INTERVAL_S:
             self._last_touch = now
             try:
-                found = self.store.touch(self.sources, worker=self.name, heartbeat=self._heartbeat())
+                stored = self.store.touch(self.sources, worker=self.name, heartbeat=self._heartbeat())
             except ServiceUnavailable as exc:
                 log.warning("heartbeat failed worker=%s reason=%s", self.name, exc)
-                found = {}
-            lost = {s for s, ok in found.items() if not ok and self.known.get(s) is not None}
-            if lost:
-                self._rebuild(lost)
+                stored = {}
+            # An idle source is checked too: its state may be gone or have gone back.
+            lost = {s for s, r in stored.items() if r is None and self.known.get(s) is not None}
+            behind = {s: r for s, r in stored.items() if r is not None and r < (self.known.get(s) or 0)}
+            if lost or behind:
+                self._rebuild(lost, behind)
         self._maybe_commit()
         if now - self._last_log >= 1.0 and self._batches_since_log:
             self.log_progress(now - self._last_log)

@@ -20,6 +20,9 @@ ERROR_MESSAGE = "orders.error.message"
 FIRST_FAILED_AT = "orders.first.failed.at.ms"
 DEAD_LETTERED_AT = "orders.dead.lettered.at.ms"
 REPLAY_OF = "orders.replay.of"        # on `orders`: the dead letter (topic:partition:offset) it replays
+# The message (topic:partition:offset) whose handling published this one: the log
+# of record of which offsets of a source were parked rather than counted.
+PARKED_FROM = "orders.parked.from"
 
 _MAX_ERROR_CHARS = 2000
 
@@ -83,10 +86,11 @@ def _required(h: dict[str, str], name: str, convert):
         raise MalformedEnvelope(f"header {name}={h[name]!r} is invalid") from exc
 
 
-def retry_headers(provenance: Provenance, *, attempt: int, due_at_ms: int,
+def retry_headers(provenance: Provenance, *, parked_from: str, attempt: int, due_at_ms: int,
                   error_type: str, error_message: str) -> list[tuple[str, bytes]]:
     return encode({
         **provenance.headers(),
+        PARKED_FROM: parked_from,
         ATTEMPT: attempt,
         DUE_AT: due_at_ms,
         ERROR_TYPE: error_type,
@@ -94,10 +98,11 @@ def retry_headers(provenance: Provenance, *, attempt: int, due_at_ms: int,
     })
 
 
-def dead_letter_headers(provenance: Provenance, *, attempts: int, error_type: str,
+def dead_letter_headers(provenance: Provenance, *, parked_from: str, attempts: int, error_type: str,
                         error_message: str, dead_lettered_at_ms: int) -> list[tuple[str, bytes]]:
     return encode({
         **provenance.headers(),
+        PARKED_FROM: parked_from,
         ATTEMPTS: attempts,
         ERROR_TYPE: error_type,
         ERROR_MESSAGE: error_message[:_MAX_ERROR_CHARS],
@@ -108,3 +113,23 @@ def dead_letter_headers(provenance: Provenance, *, attempts: int, error_type: st
 def retry_attempt(h: dict[str, str]) -> tuple[int, int]:
     """(attempt, due_at_ms) of a retry message; raises MalformedEnvelope."""
     return _required(h, ATTEMPT, int), _required(h, DUE_AT, int)
+
+
+def parked_from(h: dict[str, str], orders_topic: str) -> tuple[str, int, int] | None:
+    """The (topic, partition, offset) whose handling published a retry or DLQ message.
+
+    Messages written before the PARKED_FROM header existed name it only when the
+    original order itself was parked (first retry, or dead-lettered at once).
+    None when it cannot be told.
+    """
+    raw = h.get(PARKED_FROM)
+    try:
+        if raw:
+            topic, partition, offset = raw.rsplit(":", 2)
+            return topic, int(partition), int(offset)
+        first_attempt = h.get(ATTEMPT) == "2" or (ATTEMPT not in h and h.get(ATTEMPTS) in ("0", "1"))
+        if first_attempt and h.get(ORIGINAL_TOPIC) == orders_topic:
+            return orders_topic, int(h[ORIGINAL_PARTITION]), int(h[ORIGINAL_OFFSET])
+    except (ValueError, KeyError):
+        pass
+    return None

@@ -71,3 +71,15 @@ class TransientError(OrderError):
 
 class DownstreamUnavailable(TransientError):
     """The downstream step refused the order this time."""
+
+
+class RecordedError(OrderError):
+    """A failure decided earlier, published again from its record (error type kept as decided)."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self._error_type = error_type
+
+    @property
+    def error_type(self) -> str:
+        return self._error_type

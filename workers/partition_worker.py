@@ -13,7 +13,7 @@ from typing import Sequence
 from confluent_kafka import Message
 
 from .clients import wait_for
-from .engine import BatchPlan, BatchWorker, replay_of
+from .engine import BatchPlan, BatchWorker
 from .store import Source
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,5 @@ class PartitionWorker(BatchWorker):
         wait_for(lambda: self.serde.prefetch(m.value() for m in messages), "schema registry", should_stop=self.stop)
         batch = plan.batch_for(self.source, self.known[self.source])
         for msg in messages:
-            offset = msg.offset()
-            cents, out, order = self.decider.attempt(msg, FIRST_ATTEMPT, provenance=None)
-            if cents is not None:
-                # A replayed dead letter counts once per orderId, however often it is replayed.
-                tag = order["orderId"] if replay_of(msg) else ""
-                batch.count(offset, self.partition, cents, tag)
-                plan.timestamps_ms.append(msg.timestamp()[1])
-                log.debug("counted partition=%d offset=%d order_id=%s cents=%d",
-                          self.partition, offset, order["orderId"], cents)
-            else:
-                batch.park(offset, out.kind)
-                if self.needs_side_effects(self.source, offset):
-                    plan.out.append(out)
-            batch.to_offset = offset + 1
+            self.settle(batch, plan, msg, self.partition, FIRST_ATTEMPT, provenance=None)
         return plan

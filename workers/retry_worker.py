@@ -15,7 +15,7 @@ from typing import Sequence
 from confluent_kafka import Message, TopicPartition
 
 from .clients import wait_for
-from .engine import BatchPlan, BatchWorker, message_key, now_ms
+from .engine import NEW, BatchPlan, BatchWorker, message_key, now_ms
 from .envelope import MalformedEnvelope, Provenance, header_dict, retry_attempt
 from .errors import PermanentError
 from .store import Source
@@ -78,8 +78,10 @@ class RetryWorker(BatchWorker):
                 self.checkpoint(plan)
         super()._housekeeping()
 
-    @staticmethod
-    def _due_ms(msg: Message) -> int:
+    def _due_ms(self, msg: Message) -> int:
+        source = Source(msg.topic(), msg.partition())
+        if self.prior(source, msg.offset())[0] != NEW:
+            return 0  # decided before: nothing to wait for
         try:
             return retry_attempt(header_dict(msg.headers()))[1]
         except MalformedEnvelope:
@@ -91,7 +93,6 @@ class RetryWorker(BatchWorker):
             msg, due = queue.popleft()
             if batch is None:
                 batch = plan.batch_for(source, self.known[source])
-            offset = msg.offset()
             headers = header_dict(msg.headers())
             try:
                 attempt, _ = retry_attempt(headers)
@@ -99,19 +100,11 @@ class RetryWorker(BatchWorker):
                 if not 0 <= provenance.partition < self.settings.partitions:
                     raise MalformedEnvelope(f"original partition {provenance.partition} does not exist")
             except MalformedEnvelope as exc:
-                cents, out = None, self.decider.dead_letter(msg, MalformedRetry(str(exc)), attempts=0)
-            else:
-                cents, out, order = self.decider.attempt(msg, attempt, provenance)
-                if cents is not None:
-                    tag = order["orderId"] if provenance.replay_of else ""
-                    batch.count(offset, provenance.partition, cents, tag)
-                    log.info("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
-                             message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
-            if cents is None:
-                batch.park(offset, out.kind)
-                if self.needs_side_effects(source, offset):
-                    plan.out.append(out)
-            batch.to_offset = offset + 1
+                self.settle(batch, plan, msg, -1, 0, None, malformed=MalformedRetry(str(exc)))
+                continue
+            if self.settle(batch, plan, msg, provenance.partition, attempt, provenance):
+                log.info("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
+                         message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
 
     def _pause_waiting(self) -> None:
         """Pause partitions with messages waiting (bounds memory), resume drained ones."""

@@ -10,7 +10,6 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -22,22 +21,47 @@ DEFAULT_SCHEMA_PATH = REPO_ROOT / "schemas" / "order.avsc"
 # configure a Kafka *server* (scripts/stack's ports, Kafka's own *_OPTS).
 _KAFKA_OWN_VARS = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "KAFKA_VERSION",
                    "KAFKA_JAVA", "KAFKA_HOME", "KAFKA_CLUSTER_ID"}
-_SECRET_WORDS = ("password", "secret", "key", "token", "user.info", "jaas")
+# librdkafka's sensitive properties: those flagged _RK_SENSITIVE in
+# confluentinc/librdkafka src/rdkafka_conf.c (v2.15.0; the same in CONFIGURATION.md),
+# which librdkafka itself redacts in its config dumps, plus the alias
+# sasl.oauthbearer.client.credentials.client.secret of one of them.
+LIBRDKAFKA_SENSITIVE = frozenset({
+    "ssl.key.location", "ssl.key.password", "ssl.key.pem", "ssl_key", "ssl.ca.pem",
+    "ssl.keystore.password",
+    "sasl.username", "sasl.password", "sasl.oauthbearer.config", "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.client.credentials.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file", "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
+})
+# Names that look secret, for properties a newer librdkafka may add.
+_SECRET_WORDS = ("password", "secret", "key", "token", "user.info", "jaas", "credential")
+# Query parameters of a URL that carry a secret (redis-py reads ?password=...).
+_SECRET_QUERY = re.compile(r"([?&;][^=&;#]*(?:pass|pwd|secret|token|key|auth|credential)[^=&;#]*=)[^&;#]*",
+                           re.IGNORECASE)
 
 
-def _is_secret(name: str) -> bool:
+def is_sensitive(name: str) -> bool:
+    """Whether a librdkafka property holds a secret (its value is never shown)."""
     lowered = name.lower()
-    return any(word in lowered for word in _SECRET_WORDS)
+    return lowered in LIBRDKAFKA_SENSITIVE or any(word in lowered for word in _SECRET_WORDS)
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """Return ``url`` with every password in it replaced by ``***`` (for logs).
+
+    Covers ``user:password@``, ``:password@`` and secret query parameters
+    (``?password=``). The user info is taken to end at the *last* ``@``, so a
+    password with an unescaped ``@`` or ``/`` is hidden whole too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{hostpart}" if colon else f"{userinfo}@{hostpart}"
+    rest = _SECRET_QUERY.sub(r"\1***", rest)
+    return f"{scheme}{sep}{rest}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,10 @@ class Settings:
     retry_backoff_ms: int = 1000
     retry_backoff_multiplier: float = 2.0
     max_price: float = 1_000_000.0
+
+    # How often an idle worker commits its unchanged offsets again, so that Kafka
+    # never expires them (offsets.retention.minutes, 7 days by default).
+    offsets_refresh_s: float = 3600.0
 
     produce_rate: float = 20.0
     schema_path: Path = DEFAULT_SCHEMA_PATH
@@ -106,6 +134,7 @@ class Settings:
             (self.retry_backoff_ms >= 0, "RETRY_BACKOFF_MS must be >= 0"),
             (self.retry_backoff_multiplier >= 1.0, "RETRY_BACKOFF_MULTIPLIER must be >= 1"),
             (self.batch_size >= 1, "BATCH_SIZE must be >= 1"),
+            (self.offsets_refresh_s > 0, "OFFSETS_REFRESH_S must be > 0"),
             (0 < self.poll_timeout_s <= 1.0, "POLL_TIMEOUT_S must be in (0, 1]"),
             (self.produce_rate >= 0, "PRODUCE_RATE must be >= 0"),
             (self.max_price > 0, "ORDERS_MAX_PRICE must be > 0"),
@@ -140,7 +169,7 @@ class Settings:
             elif f.name == "schema_registry_user_info":
                 value = "***" if value else ""
             elif f.name == "kafka_extra":
-                value = {k: ("***" if _is_secret(k) else v) for k, v in value.items()}
+                value = {k: ("***" if is_sensitive(k) else v) for k, v in value.items()}
             shown.append(f"{f.name}={value}")
         return " ".join(shown)
 
@@ -167,6 +196,7 @@ _ENV_VARS = {
     "dlq_topic": ("DLQ_TOPIC", str),
     "partitions": ("ORDERS_PARTITIONS", int),
     "retry_partitions": ("RETRY_PARTITIONS", int),
+    "offsets_refresh_s": ("OFFSETS_REFRESH_S", float),
     "replication_factor": ("TOPIC_REPLICATION_FACTOR", int),
     "retention_ms": ("TOPIC_RETENTION_MS", int),
     "group_prefix": ("CONSUMER_GROUP_PREFIX", str),

@@ -19,21 +19,25 @@ import redis
 
 from .errors import ServiceUnavailable
 
-# KEYS: source, total, heartbeat, replayed-orders set, target_0 .. target_k
+# KEYS: source, total, heartbeat, replayed-orders set, parked records, target_0 .. target_k
 # ARGV: known offset (what the worker last saw stored, '' for none), to_offset,
 #       heartbeat_value, heartbeat_ttl_ms, now_ms, items: one JSON array (a single
 #       argument: packing thousands of arguments costs redis-py more than the
-#       whole script) of [offset, code, cents, replay tag] per message, in offset
-#       order. code >= 0: counted into target <code>;
-#       -1: dead-lettered; -2: sent to the retry topic. A non-empty replay tag
-#       (the orderId of a replayed dead letter) counts only the first time.
+#       whole script) of [offset, code, cents, tag] per message, in offset
+#       order, and the worker's committed Kafka offset K ('' for none).
+#       code >= 0: counted into target <code>; -1: dead-lettered; -2: sent to the
+#       retry topic. For a counted item a non-empty tag (the orderId of a replayed
+#       dead letter) counts only the first time; for a parked item a non-empty tag
+#       is the decision's record, kept (scored by offset) until K passes it, so
+#       that replaying offsets between K and R publishes the same decision again.
 # Returns {status, counted, offset, total count, total cents}: status 1 applied;
 # 0 state missing where the worker knew some (Redis lost it: rebuild from the log
 # start); 2 stored offset behind what the worker knew (Redis lost its last writes,
 # e.g. a crash inside the AOF fsync window: rewind to the returned offset).
 _APPLY = """
-local src, total, hb, replayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local src, total, hb, replayed, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 redis.call('SET', hb, ARGV[3], 'PX', ARGV[4])
+if ARGV[7] ~= '' then redis.call('ZREMRANGEBYSCORE', parked, '-inf', '(' .. ARGV[7]) end
 local stored = redis.call('HGET', src, 'offset')
 if not stored then
   if ARGV[1] ~= '' then return {0, 0, -1, 0, 0} end
@@ -47,10 +51,9 @@ local counted, counted_cents, dead, retried, duplicates = 0, 0, 0, 0, 0
 for _, item in ipairs(cjson.decode(ARGV[6])) do
   if item[1] >= stored then
     local code = item[2]
-    if code == -1 then
-      dead = dead + 1
-    elseif code == -2 then
-      retried = retried + 1
+    if code < 0 then
+      if code == -1 then dead = dead + 1 else retried = retried + 1 end
+      if item[4] ~= '' then redis.call('ZADD', parked, item[1], item[1] .. ':' .. item[4]) end
     elseif item[4] ~= '' and redis.call('SADD', replayed, item[4]) == 0 then
       duplicates = duplicates + 1
     else
@@ -63,7 +66,7 @@ for _, item in ipairs(cjson.decode(ARGV[6])) do
   end
 end
 for t, n in pairs(counts) do
-  local key = KEYS[5 + t]
+  local key = KEYS[6 + t]
   redis.call('HINCRBY', key, 'count', n)
   redis.call('HINCRBY', key, 'cents', string.format('%d', cents[t]))
 end
@@ -85,11 +88,37 @@ local t = redis.call('HMGET', total, 'count', 'cents')
 return {1, counted, stored, tonumber(t[1] or '0'), tonumber(t[2] or '0')}
 """
 
-# KEYS: source, heartbeat. ARGV: heartbeat_value, heartbeat_ttl_ms. Returns 1 if
-# the source has state.
+# KEYS: source, heartbeat. ARGV: heartbeat_value, heartbeat_ttl_ms. Returns the
+# source's stored offset (nil if it has no state).
 _TOUCH = """
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return redis.call('EXISTS', KEYS[1])
+return redis.call('HGET', KEYS[1], 'offset')
+"""
+
+# KEYS: identity, then every key of the aggregate's state. ARGV: force ('1' or
+# '0'), then the current identity as field/value pairs. Compares the stored
+# identity (which incarnation of the topics the state counts) with the current
+# one; on a difference (or force) deletes the state and stores the current
+# identity, all atomically, so two workers that both notice reset it once.
+# Returns {status, stored identity as field/value pairs}: 0 adopted (none was
+# stored), 1 same, 2 reset.
+_IDENTITY = """
+local stored = redis.call('HGETALL', KEYS[1])
+local same = #stored > 0
+local current = {}
+for i = 2, #ARGV, 2 do current[ARGV[i]] = ARGV[i + 1] end
+for i = 1, #stored, 2 do
+  if current[stored[i]] ~= stored[i + 1] then same = false end
+end
+if same and ARGV[1] == '0' then return {1, stored} end
+local status = 0
+if #stored > 0 or ARGV[1] == '1' then
+  status = 2
+  for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+end
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return {status, stored}
 """
 
 HEARTBEAT_TTL_MS = 15000
@@ -123,16 +152,22 @@ class SourceBatch:
     to_offset: int
     known_offset: int | None  # the offset the worker last saw stored; None: no state
     items: list[tuple[int, int, int, str]] = field(default_factory=list)
+    committed_offset: int | None = None  # K: decision records below it are dropped
 
     def count(self, offset: int, target: int, cents: int, replay_of: str = "") -> None:
         self.items.append((offset, target, cents, replay_of))
 
-    def park(self, offset: int, kind: int) -> None:
-        """Record a dead-lettered (DEAD) or retried (RETRIED) message."""
-        self.items.append((offset, kind, 0, ""))
+    def park(self, offset: int, kind: int, record: str = "") -> None:
+        """Record a dead-lettered (DEAD) or retried (RETRIED) message.
+
+        ``record`` (the decision, as Decider writes it) is kept until K passes the
+        offset; empty when the decision is already committed in Kafka.
+        """
+        self.items.append((offset, kind, 0, record))
 
 
 APPLIED, STATE_LOST, STATE_BEHIND = 1, 0, 2
+ADOPTED, SAME, RESET = 0, 1, 2  # ensure_identity
 
 
 @dataclass(frozen=True)
@@ -172,6 +207,7 @@ class AggregateStore:
         self._prefix = prefix
         self._apply = client.register_script(_APPLY)
         self._touch = client.register_script(_TOUCH)
+        self._identity = client.register_script(_IDENTITY)
 
     # -- keys ----------------------------------------------------------------
     def _key(self, *parts: object) -> str:
@@ -185,6 +221,13 @@ class AggregateStore:
 
     def heartbeat_key(self, worker: str) -> str:
         return self._key("worker", worker)
+
+    def parked_key(self, source: Source) -> str:
+        return self._key("parked", source.topic, source.partition)
+
+    @property
+    def identity_key(self) -> str:
+        return self._key("identity")
 
     @property
     def total_key(self) -> str:
@@ -209,11 +252,12 @@ class AggregateStore:
                 targets = sorted({target for _, target, _, _ in batch.items if target >= 0})
                 index = {target: i for i, target in enumerate(targets)}
                 known = "" if batch.known_offset is None else batch.known_offset
+                committed = "" if batch.committed_offset is None else batch.committed_offset
                 items = json.dumps([(offset, index[target] if target >= 0 else target, cents, tag)
                                     for offset, target, cents, tag in batch.items])
-                args = [known, batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms, items]
+                args = [known, batch.to_offset, beat, HEARTBEAT_TTL_MS, now_ms, items, committed]
                 keys = [self.source_key(batch.source), self.total_key, self.heartbeat_key(worker),
-                        self.replayed_key, *(self.partition_key(t) for t in targets)]
+                        self.replayed_key, self.parked_key(batch.source), *(self.partition_key(t) for t in targets)]
                 self._apply(keys=keys, args=args, client=pipe)
             replies = pipe.execute()
         except _REDIS_DOWN as exc:
@@ -221,8 +265,8 @@ class AggregateStore:
         return [ApplyResult(batch.source, int(status), int(counted), int(offset), Totals(int(count), int(cents)))
                 for batch, (status, counted, offset, count, cents) in zip(batches, replies)]
 
-    def touch(self, sources: Sequence[Source], *, worker: str, heartbeat: dict) -> dict[Source, bool]:
-        """Refresh the worker's heartbeat; report which sources still have state."""
+    def touch(self, sources: Sequence[Source], *, worker: str, heartbeat: dict) -> dict[Source, int | None]:
+        """Refresh the worker's heartbeat; return each source's stored offset (None: no state)."""
         beat = json.dumps(heartbeat)
         try:
             pipe = self._redis.pipeline(transaction=False)
@@ -232,7 +276,44 @@ class AggregateStore:
             replies = pipe.execute()
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
-        return {source: bool(found) for source, found in zip(sources, replies)}
+        return {source: (int(stored) if stored is not None else None) for source, stored in zip(sources, replies)}
+
+    def ensure_identity(self, identity: dict[str, str], *, partitions: dict[str, int],
+                        force: bool = False) -> tuple[int, dict[str, str]]:
+        """Tie the aggregate to ``identity`` (topic name -> topic id); returns (status, stored identity).
+
+        Status ADOPTED, SAME or RESET. On RESET (another incarnation of a topic, or
+        ``force``) every state key is deleted first: the counts of a topic that no
+        longer exists must not stay in the global figures. ``partitions`` (topic ->
+        partition count) names the keys.
+        """
+        keys = [self.identity_key, self.total_key, self.replayed_key, self.replays_key]
+        for topic, count in partitions.items():
+            for p in range(count):
+                source = Source(topic, p)
+                keys += [self.source_key(source), self.parked_key(source), self.partition_key(p)]
+        args: list[str] = ["1" if force else "0"]
+        for name, topic_id in sorted(identity.items()):
+            args += [name, topic_id]
+        try:
+            status, stored = self._identity(keys=list(dict.fromkeys(keys)), args=args)
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        pairs = [v.decode() for v in stored]
+        return int(status), dict(zip(pairs[::2], pairs[1::2]))
+
+    def decision_records(self, sources: Sequence[Source]) -> dict[Source, dict[int, str]]:
+        """Each source's kept decision records (offset -> record), one round trip."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for source in sources:
+                pipe.zrange(self.parked_key(source), 0, -1, withscores=True)
+            replies = pipe.execute()
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        # Members are "<offset>:<record>": unique per offset even where two records read the same.
+        return {s: {int(score): member.decode().partition(":")[2] for member, score in r}
+                for s, r in zip(sources, replies)}
 
     # -- reads -------------------------------------------------------------------
     def positions(self, sources: Sequence[Source]) -> dict[Source, int | None]:

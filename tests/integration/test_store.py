@@ -7,7 +7,8 @@ import pytest
 import redis
 
 from workers.errors import ServiceUnavailable
-from workers.store import APPLIED, DEAD, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch
+from workers.store import (ADOPTED, APPLIED, DEAD, RESET, RETRIED, SAME, STATE_BEHIND, STATE_LOST, AggregateStore,
+                           Source, SourceBatch)
 
 SRC = Source("orders", 0)
 
@@ -118,3 +119,44 @@ def test_state_that_went_back_in_time_is_reported(store):
     r = apply(store, SourceBatch(SRC, to_offset=12, known_offset=9, items=[(10, 0, 1, "")]))
     assert (r.status, r.offset) == (STATE_BEHIND, 5)
     assert store.snapshot(1)["total"].count == 1  # nothing applied
+
+
+def test_decision_records_are_kept_until_kafka_has_them(store):
+    """Parked decisions between K and R stay in Redis; a batch with a later K drops them."""
+    batch = SourceBatch(SRC, to_offset=4, known_offset=None)
+    batch.count(0, 0, 100)
+    batch.park(1, DEAD, "dead-record")
+    batch.park(2, RETRIED, "retry-record")
+    batch.park(3, DEAD)  # already in Kafka: nothing to keep
+    batch.park(4, RETRIED, "retry-record")  # the same words, another offset
+    apply(store, batch)
+    assert store.decision_records([SRC]) == {SRC: {1: "dead-record", 2: "retry-record", 4: "retry-record"}}
+    apply(store, SourceBatch(SRC, to_offset=5, known_offset=4, items=[(4, 0, 1, "")], committed_offset=2))
+    assert store.decision_records([SRC]) == {SRC: {2: "retry-record", 4: "retry-record"}}
+    # A replay below R neither counts again nor records again.
+    again = SourceBatch(SRC, to_offset=3, known_offset=5, committed_offset=2)
+    again.park(1, DEAD, "other")
+    assert apply(store, again).counted == 0
+    assert store.decision_records([SRC]) == {SRC: {2: "retry-record", 4: "retry-record"}}
+
+
+def test_touch_reports_each_sources_stored_offset(store):
+    apply(store, SourceBatch(SRC, to_offset=7, known_offset=None, items=[(6, 0, 1, "")]))
+    other = Source("orders", 1)
+    assert store.touch([SRC, other], worker="w", heartbeat={}) == {SRC: 7, other: None}
+
+
+def test_identity_of_another_incarnation_resets_the_state(store):
+    ids = {"orders": "id-a", "orders-retry": "id-b"}
+    parts = {"orders": 2, "orders-retry": 1}
+    assert store.ensure_identity(ids, partitions=parts) == (ADOPTED, {})
+    apply(store, SourceBatch(SRC, to_offset=3, known_offset=None, items=[(0, 0, 100, ""), (1, 1, 50, "")]))
+    assert store.ensure_identity(ids, partitions=parts) == (SAME, ids)
+    assert store.snapshot(2)["total"].count == 2
+    new = {**ids, "orders": "id-c"}
+    assert store.ensure_identity(new, partitions=parts) == (RESET, ids)
+    snap = store.snapshot(2, sources=[SRC])
+    assert snap["total"].count == 0 and [p.count for p in snap["partitions"]] == [0, 0]
+    assert snap["sources"] == {SRC: {}}
+    assert store.ensure_identity(new, partitions=parts) == (SAME, new)
+    assert store.ensure_identity(new, partitions=parts, force=True)[0] == RESET

@@ -5,12 +5,13 @@ from workers import envelope as env
 
 def test_retry_headers_round_trip():
     p = env.Provenance("orders", 2, 41, 1700000000000, 1700000000500)
-    headers = env.retry_headers(p, attempt=3, due_at_ms=1700000009999, error_type="DownstreamUnavailable",
+    headers = env.retry_headers(p, parked_from="orders-retry:1:7", attempt=3, due_at_ms=1700000009999, error_type="DownstreamUnavailable",
                                 error_message="boom")
     h = env.header_dict(headers)
     assert env.Provenance.from_headers(h) == p
     assert env.retry_attempt(h) == (3, 1700000009999)
     assert h[env.ERROR_TYPE] == "DownstreamUnavailable"
+    assert env.parked_from(h, "orders") == ("orders-retry", 1, 7)
 
 
 def test_missing_header_is_named():
@@ -25,6 +26,18 @@ def test_bad_header_value_is_named():
 
 def test_long_error_messages_are_cut():
     p = env.Provenance("orders", 0, 0, 0, 0)
-    h = env.header_dict(env.dead_letter_headers(p, attempts=1, error_type="X", error_message="e" * 10000,
+    h = env.header_dict(env.dead_letter_headers(p, parked_from="orders:0:0", attempts=1, error_type="X", error_message="e" * 10000,
                                                 dead_lettered_at_ms=1))
     assert len(h[env.ERROR_MESSAGE]) == 2000
+
+
+def test_parked_from_of_messages_without_the_header():
+    """Older messages name their source only when the original order itself was parked."""
+    p = env.Provenance("orders", 2, 41, 0, 0)
+    first_retry = {**p.headers(), env.ATTEMPT: 2, env.DUE_AT: 5}
+    later_retry = {**p.headers(), env.ATTEMPT: 3, env.DUE_AT: 5}
+    dead_at_once = {**p.headers(), env.ATTEMPTS: 1}
+    dead_after_retries = {**p.headers(), env.ATTEMPTS: 4}
+    as_read = [env.header_dict(env.encode(h)) for h in (first_retry, later_retry, dead_at_once, dead_after_retries)]
+    assert [env.parked_from(h, "orders") for h in as_read] == [("orders", 2, 41), None, ("orders", 2, 41), None]
+    assert env.parked_from({env.PARKED_FROM: "not-coordinates"}, "orders") is None

@@ -1,0 +1,81 @@
+"""The log of record: which offsets of a source were parked, read back from Kafka.
+
+Every retry or dead letter a worker publishes names the message whose handling
+published it (the ``orders.parked.from`` header), in the same Kafka transaction
+as the worker's committed offset K. So for any offset below K, the retry and DLQ
+topics, read ``read_committed``, say whether it was parked (and where) or
+counted. A rebuild (Redis lost or behind) and a worker whose K is gone use this
+instead of deciding those orders again under today's settings, and without
+calling the downstream a second time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterator, Sequence
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+
+from .envelope import header_dict, parked_from
+from .errors import ServiceUnavailable
+from .settings import Settings
+from .store import DEAD, RETRIED, Source
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 120.0  # an open transaction of another worker holds read_committed back until it ends
+
+Published = dict[Source, dict[int, int]]  # source -> {offset: DEAD or RETRIED}
+
+
+def published_decisions(make_consumer: Callable[[], Consumer], settings: Settings,
+                        sources: Sequence[Source]) -> Published:
+    """Every committed retry/DLQ message published for ``sources``, by source offset.
+
+    Raises ServiceUnavailable if Kafka cannot be read to the end in time.
+    """
+    wanted = set(sources)
+    found: Published = {s: {} for s in sources}
+    started = time.monotonic()
+    consumer = make_consumer()
+    try:
+        for topic, kind in ((settings.retry_topic, RETRIED), (settings.dlq_topic, DEAD)):
+            for msg in _read_to_end(consumer, topic):
+                origin = parked_from(header_dict(msg.headers()), settings.orders_topic)
+                if origin is not None:
+                    source = Source(origin[0], origin[1])
+                    if source in wanted:
+                        found[source][origin[2]] = kind
+    finally:
+        consumer.close()
+    log.info("read the log of record sources=%s parked=%d seconds=%.1f", ",".join(map(str, sources)),
+             sum(len(v) for v in found.values()), time.monotonic() - started)
+    return found
+
+
+def _read_to_end(consumer: Consumer, topic: str) -> Iterator[Message]:
+    """Every committed message of ``topic`` up to its end when called."""
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is not None:
+            raise ServiceUnavailable(f"kafka: topic {topic}: {meta.error.str()}")
+        parts = sorted(meta.partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    pending = {p for p, end in ends.items() if end > 0}
+    if not pending:
+        return
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    try:
+        while pending:
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"kafka: could not read {topic} to its end in {READ_TIMEOUT_S:.0f}s")
+            for msg in consumer.consume(5000, 0.5):
+                if msg.error() is None:
+                    yield msg
+            positions = consumer.position([TopicPartition(topic, p) for p in pending])
+            pending -= {tp.partition for tp in positions if tp.offset >= ends[tp.partition]}
+    finally:
+        consumer.unassign()
