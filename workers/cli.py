@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -15,7 +16,6 @@ from .clients import (describe_servers, make_admin, make_consumer, make_producer
 from .dlq import Filters, ReplayFailed, parse_since, read_dead_letters, replay, summarize
 from .engine import StopFlag, now_ms
 from .errors import ConfigError, OrdersError, ServiceUnavailable, StopRequested
-from .logs import printable
 from .partition_worker import PartitionWorker
 from .producer import DeliveryTally, produce_orders
 from .retry_worker import RetryWorker
@@ -38,7 +38,7 @@ class OrdersGroup(click.Group):
             log.info("%s", exc)  # asked to stop: a clean exit, not a failure
         except OrdersError as exc:
             log.error("%s: %s", type(exc).__name__, exc)
-            click.echo(printable(f"error: {exc}"), err=True)
+            click.echo(logs.printable(f"error: {exc}"), err=True)
             ctx.exit(1)
 
 
@@ -93,7 +93,7 @@ def produce(settings: Settings, count: int, rate: float | None, seed: int | None
         rate = 0.0 if count else settings.produce_rate
     _bootstrap(settings, stop)
     serde = _serde(settings)
-    writer_schema = load_schema(schema_path) if schema_path else None
+    writer_schema = load_schema(Path(schema_path)) if schema_path else None
     schema_id = wait_for(lambda: serde.register(settings.orders_topic, writer_schema), "schema registry",
                          should_stop=stop)
     log.info("writing with schema id=%d subject=%s-value", schema_id, settings.orders_topic)
@@ -241,7 +241,7 @@ def dlq(ctx: click.Context, follow: bool, limit: int | None, as_json: bool, summ
         else:
             click.echo(f"{data['total']} dead letter(s), {data['replayed']} replayed")
             for error_type, row in data["by_error_type"].items():
-                click.echo(f"  {printable(error_type):<24} {row['count']:>8}  replayed {row['replayed']}")
+                click.echo(f"  {logs.printable(error_type):<24} {row['count']:>8}  replayed {row['replayed']}")
         return
     shown = 0
     for letter in letters:

@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from .errors import ConfigError, ServiceUnavailable, StopRequested
-from .settings import Settings, redact_url
+from .settings import Settings, is_sensitive, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,11 @@ def _build(factory: Callable[[dict], T], conf: dict, what: str) -> T:
     try:
         return factory(conf)
     except KafkaException as exc:
-        raise ConfigError(f"cannot build the Kafka {what}: {exc.args[0].str()}") from exc
+        reason = exc.args[0].str()
+        for key, value in conf.items():  # librdkafka may quote the value it rejects
+            if is_sensitive(key) and isinstance(value, str) and value:
+                reason = reason.replace(value, "***")
+        raise ConfigError(f"cannot build the Kafka {what}: {reason}") from exc
 
 
 def producer_conf(settings: Settings, *, transactional_id: str | None = None, **explicit) -> dict:

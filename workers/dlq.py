@@ -14,6 +14,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from . import envelope as env
 from .errors import OrderError, OrdersError, ServiceUnavailable
+from .logs import printable
 from .serde import OrderSerde
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,14 @@ class DeadLetter:
 
     @classmethod
     def from_message(cls, msg: Message, serde: OrderSerde) -> "DeadLetter":
-        value = msg.value()
+        topic, partition, offset, value = msg.topic(), msg.partition(), msg.offset(), msg.value()
+        if topic is None or partition is None or offset is None:
+            raise ValueError("a dead letter is a consumed message (with topic, partition and offset)")
         try:
             order = serde.decode(value)
         except OrderError:
             order = None
-        return cls(msg.topic(), msg.partition(), msg.offset(), msg.key(), order, value,
-                   env.header_dict(msg.headers()))
+        return cls(topic, partition, offset, msg.key(), order, value, _headers(msg))
 
     @property
     def id(self) -> str:
@@ -82,6 +84,7 @@ class DeadLetter:
         }
 
     def as_line(self, replay: dict | None = None) -> str:
+        """One line for a person; whatever the message brought in is escaped (``logs.printable``)."""
         d = self.as_json(replay)
         if self.order is not None:
             what = f"order={self.order['orderId']} product={self.order['product']} price={self.order['price']}"
@@ -92,7 +95,13 @@ class DeadLetter:
                 f"attempts={d['attempts']}  from={d['original_topic']}[{d['original_partition']}]@{d['original_offset']}")
         if d["replayed_at"]:
             line += f"  REPLAYED {d['replayed_at']}"
-        return line
+        return printable(line)
+
+
+def _headers(msg: Message) -> dict[str, str]:
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return env.header_dict((name, value.encode() if isinstance(value, str) else value) for name, value in pairs)
 
 
 def _json_safe(order: dict | None) -> dict | None:
@@ -169,12 +178,14 @@ def read_dead_letters(consumer: Consumer, topic: str, serde: OrderSerde, *, foll
     done = {p for p, high in ends.items() if high == 0}
     while not stop() and (follow or len(done) < len(partitions)):
         for msg in consumer.consume(num_messages=500, timeout=poll_timeout_s):
-            if msg.error() is not None:
-                log.warning("dlq read error reason=%s", msg.error().str())
+            err = msg.error()
+            if err is not None:
+                log.warning("dlq read error reason=%s", err.str())
                 continue
-            yield DeadLetter.from_message(msg, serde)
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                done.add(msg.partition())
+            letter = DeadLetter.from_message(msg, serde)
+            yield letter
+            if letter.offset + 1 >= ends[letter.partition]:
+                done.add(letter.partition)
         if not follow:
             # Transaction markers occupy offsets: the last real message can sit below
             # the high watermark, so also stop once our position reaches it.

@@ -70,3 +70,55 @@ def test_settings_are_frozen():
     s = Settings.from_env({})
     with pytest.raises(Exception):
         s.partitions = 5
+
+
+@pytest.mark.parametrize("url,secret", [
+    ("redis://user:pw-1a@host:6379/0", "pw-1a"),
+    ("redis://:pw-2b@host:6379/0", "pw-2b"),
+    ("rediss://:pw-3c@host:6380/0", "pw-3c"),
+    ("rediss://default:pw-4d@host:6380/0", "pw-4d"),
+    ("redis://host:6379/0?password=pw-5e", "pw-5e"),
+    ("rediss://host:6380/0?ssl_cert_reqs=none&password=pw-6f&db=1", "pw-6f"),
+    ("redis://host/0?Password=pw-7g", "pw-7g"),
+    ("redis://host/0?ssl_password=pw-8h", "pw-8h"),
+    ("redis://user@host/0?username=u&password=pw%209i", "pw%209i"),
+    ("https://registry-user:pw-10j@registry.example:8081/apis", "pw-10j"),
+    ("redis://:p@ss/w0rd-11k@host:6379/0", "w0rd-11k"),
+])
+def test_redact_url_hides_the_password_in_every_form(url, secret):
+    shown = redact_url(url)
+    assert secret not in shown and "***" in shown
+    assert "host" in shown or "registry.example" in shown
+
+
+def test_redact_url_keeps_what_is_not_secret():
+    assert redact_url("rediss://user:pw@host:6380/1?ssl_cert_reqs=none") == \
+        "rediss://user:***@host:6380/1?ssl_cert_reqs=none"
+    assert redact_url("redis://host:6379/0?password=pw&db=2") == "redis://host:6379/0?password=***&db=2"
+    assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+
+
+# librdkafka's sensitive properties (_RK_SENSITIVE in src/rdkafka_conf.c), and an alias of one.
+LIBRDKAFKA_SENSITIVE = [
+    "ssl.key.location", "ssl.key.password", "ssl.key.pem", "ssl_key", "ssl.ca.pem", "ssl.keystore.password",
+    "sasl.username", "sasl.password", "sasl.oauthbearer.config", "sasl.oauthbearer.client.secret",
+    "sasl.oauthbearer.assertion.private.key.file", "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem", "sasl.oauthbearer.client.credentials.client.secret",
+]
+
+
+@pytest.mark.parametrize("name", [n for n in LIBRDKAFKA_SENSITIVE if n != "ssl_key"])
+def test_every_librdkafka_secret_is_masked(name):
+    # ssl_key is internal (a pointer set through the C API): no environment variable names it.
+    var = "KAFKA_" + name.upper().replace(".", "_")
+    s = Settings.from_env({var: f"value-of-{name}-xyz", "KAFKA_CLIENT_ID": "orders-a"})
+    assert s.kafka_extra == {name: f"value-of-{name}-xyz", "client.id": "orders-a"}
+    for text in (s.describe(), repr(s)):
+        assert "-xyz" not in text, text
+    assert f"'{name}': '***'" in s.describe()
+    assert "orders-a" in s.describe()
+
+
+def test_the_sensitive_list_is_librdkafkas():
+    from workers.settings import LIBRDKAFKA_SENSITIVE as listed
+    assert set(listed) == set(LIBRDKAFKA_SENSITIVE)
