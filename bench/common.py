@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import statistics
-from typing import Iterable
+from collections.abc import Iterable
 
 import psutil
 from confluent_kafka import Consumer, KafkaException, TopicPartition

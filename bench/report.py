@@ -1,7 +1,7 @@
 """From per-repetition results to the medians, ratios, targets and the printed table."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .common import median
 
@@ -44,7 +44,7 @@ class Figures:
             return
         tops, bottoms = self.reps.get(top, []), self.reps.get(bottom, [])
         if paired and len(tops) > 1 and len(tops) == len(bottoms):
-            self.median_of(name, [t / b for t, b in zip(tops, bottoms)])
+            self.median_of(name, [t / b for t, b in zip(tops, bottoms, strict=True)])
         else:
             self.values[name] = self.values[top] / self.values[bottom]
 

@@ -63,13 +63,14 @@ class DeliveryTally:
         self.delivered += 1
 
     def callback(self, order: dict) -> Callable:
-        if self.record is None:
+        record = self.record
+        if record is None:
             return self.report
 
         def report_and_record(err: KafkaError | None, msg) -> None:
             self.report(err, msg)
             if err is None:
-                self.record.write(json.dumps({**order, "partition": msg.partition(), "offset": msg.offset()}) + "\n")
+                record.write(json.dumps({**order, "partition": msg.partition(), "offset": msg.offset()}) + "\n")
         return report_and_record
 
 

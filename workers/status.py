@@ -16,7 +16,7 @@ _MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError
 
 
 def _end_offsets(consumer: Consumer, topic: str, partitions: int) -> list[int | None]:
-    ends = []
+    ends: list[int | None] = []
     for p in range(partitions):
         try:
             ends.append(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)[1])
@@ -101,18 +101,21 @@ class StatusReader:
                                        and part["lag"] > before["lag"] > 0)
             if not part["alive"]:
                 alerts.append(f"partition {part['partition']} has no live worker")
-            if part["lag_growing"]:
+            if before and part["lag_growing"]:
                 alerts.append(f"partition {part['partition']} lag is growing ({before['lag']} -> {part['lag']})")
         if not data["retry"]["alive"]:
             alerts.append("the retry worker is not alive")
-        data["dlq"]["grew"] = bool(prev and data["dlq"]["size"] > prev["dlq"]["size"])
-        if data["dlq"]["grew"]:
-            alerts.append(f"the DLQ grew by {data['dlq']['size'] - prev['dlq']['size']}")
+        grown = data["dlq"]["size"] - prev["dlq"]["size"] if prev else 0
+        data["dlq"]["grew"] = grown > 0
+        if grown > 0:
+            alerts.append(f"the DLQ grew by {grown}")
         data["alerts"] = alerts
 
 
 def _alive(beat: dict | None, now_ms: int) -> bool:
-    return bool(beat) and now_ms - beat.get("at_ms", 0) <= ALIVE_WITHIN_MS
+    if not beat:
+        return False
+    return now_ms - beat.get("at_ms", 0) <= ALIVE_WITHIN_MS
 
 
 def _pool(data: dict) -> dict:

@@ -53,7 +53,7 @@ def test_fault_injector_is_deterministic_and_near_its_rate():
     assert first == [attempt_fails(i, 1, 0.1) for i in ids]
     assert 0.08 < sum(first) / len(ids) < 0.12
     # attempts are independent: retries of a failed order mostly succeed
-    second = [attempt_fails(i, 2, 0.1) for i, f in zip(ids, first) if f]
+    second = [attempt_fails(i, 2, 0.1) for i, f in zip(ids, first, strict=True) if f]
     assert sum(second) < len(second) * 0.2
 
 

@@ -1,8 +1,8 @@
 import itertools
 import uuid
 
-from workers.producer import RateLimiter, random_orders
 from workers.processing import validate
+from workers.producer import RateLimiter, random_orders
 
 
 def take(n, seed=None):
