@@ -1,3 +1,5 @@
+from dataclasses import FrozenInstanceError
+
 import pytest
 
 from workers.errors import ConfigError
@@ -68,7 +70,7 @@ def test_demo_failure_rate_is_a_default_only():
 
 def test_settings_are_frozen():
     s = Settings.from_env({})
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError):
         s.partitions = 5
 
 
