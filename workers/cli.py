@@ -275,8 +275,11 @@ def dlq_replay(settings: Settings, error_types, order_ids, since, dry_run: bool,
     filters = _filters(error_types, order_ids, since)
     store = AggregateStore(make_redis(settings), settings.redis_prefix)
     replays = store.replays()
-    selected, skipped = [], 0
+    selected, skipped, references = [], 0, 0
     for letter in _selected(settings, filters, follow=False, stop=stop, group="dlq-replay"):
+        if letter.reference is not None:
+            references += 1  # the value was too large to keep: there is nothing to put back
+            continue
         if letter.id in replays and not again:
             skipped += 1
             continue
@@ -284,6 +287,8 @@ def dlq_replay(settings: Settings, error_types, order_ids, since, dry_run: bool,
     for letter in selected:
         click.echo(("would replay " if dry_run else "replaying ") + letter.as_line())
     note = f" ({skipped} already replayed; --again to include them)" if skipped else ""
+    if references:
+        note += f" ({references} cannot be replayed: their values were too large to keep)"
     if dry_run:
         click.echo(f"dry run: {len(selected)} dead letter(s) would be replayed{note}")
         return

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from . import envelope as env
+from . import oversize
 from .errors import OrderError, OrdersError, ServiceUnavailable
 from .logs import printable
 from .serde import OrderSerde
@@ -55,6 +56,11 @@ class DeadLetter:
         return self.headers.get(env.ERROR_TYPE)
 
     @property
+    def reference(self) -> dict | None:
+        """Set when the value (and maybe the key) was too large to keep: what is known of it."""
+        return oversize.reference(self.headers)
+
+    @property
     def dead_lettered_at_ms(self) -> int | None:
         return self._int(env.DEAD_LETTERED_AT)
 
@@ -81,13 +87,19 @@ class DeadLetter:
             "dead_lettered_at": _iso(self.dead_lettered_at_ms),
             "replay_of": self.headers.get(env.REPLAY_OF),
             "replayed_at": _iso(replay["at_ms"]) if replay else None,
+            "reference": self.reference,
         }
 
     def as_line(self, replay: dict | None = None) -> str:
         """One line for a person; whatever the message brought in is escaped (``logs.printable``)."""
         d = self.as_json(replay)
+        ref = d["reference"]
         if self.order is not None:
             what = f"order={self.order['orderId']} product={self.order['product']} price={self.order['price']}"
+        elif ref is not None:
+            head = base64.b64decode(ref.get("value_head") or "")[:32]
+            what = (f"key={d['key'] or '-'} value not kept: {ref.get('value_size')} bytes "
+                    f"sha256={ref.get('value_sha256')} head={head!r}")
         else:
             size = len(self.raw) if self.raw is not None else 0
             what = f"key={d['key'] or '-'} raw_bytes={size}"
@@ -95,6 +107,8 @@ class DeadLetter:
                 f"attempts={d['attempts']}  from={d['original_topic']}[{d['original_partition']}]@{d['original_offset']}")
         if d["replayed_at"]:
             line += f"  REPLAYED {d['replayed_at']}"
+        if ref is not None:
+            line += f"  ({ref['reason']})"
         return printable(line)
 
 

@@ -146,6 +146,9 @@ class Decider:
         origin = self._origin(msg, provenance)
         headers = retry_headers(origin, parked_from=coordinates(msg), attempt=next_attempt,
                                 due_at_ms=now_ms() + delay, error_type=exc.error_type, error_message=str(exc))
+        from . import oversize
+        if not oversize.fits(self._settings, msg.key(), msg.value(), headers):
+            return self.dead_letter(msg, exc, next_attempt - 1, provenance)  # it could never be retried
         log.info("retry scheduled topic=%s partition=%d offset=%d key=%s attempt=%d delay_ms=%d error=%s",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), next_attempt, delay, exc.error_type)
         return OutMessage(Source(msg.topic(), msg.partition()), self._settings.retry_topic, msg.key(), msg.value(),
@@ -155,9 +158,11 @@ class Decider:
         origin = self._origin(msg, provenance)
         headers = dead_letter_headers(origin, parked_from=coordinates(msg), attempts=attempts,
                                       error_type=exc.error_type, error_message=str(exc), dead_lettered_at_ms=now_ms())
+        from . import oversize
+        key, value, headers = oversize.fit(self._settings, msg.key(), msg.value(), headers, where=coordinates(msg))
         log.info("dead letter topic=%s partition=%d offset=%d key=%s attempts=%d error_type=%s error=%r",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), attempts, exc.error_type, str(exc))
-        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, msg.key(), msg.value(),
+        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, key, value,
                           headers, DEAD, decision_record(DEAD, attempts, exc))
 
     def repeat(self, msg: Message, record: str, provenance: Provenance | None) -> OutMessage:
