@@ -54,8 +54,8 @@ def cli(ctx: click.Context) -> None:
     logs.configure(ctx.obj.log_level)
 
 
-def _serde(settings: Settings) -> OrderSerde:
-    return OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+def _serde(settings: Settings, copies: AggregateStore | None = None) -> OrderSerde:
+    return OrderSerde(make_registry(settings), load_schema(settings.schema_path), copies=copies)
 
 
 def _bootstrap(settings: Settings, stop) -> None:
@@ -139,13 +139,14 @@ def _process_manager() -> str:
 
 def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
     log.info("settings %s", settings.describe())
+    store = AggregateStore(make_redis(settings), settings.redis_prefix)
     worker = worker_cls(
         settings,
         consumer=make_consumer(settings, kwargs.pop("group_id")),
         producer=make_producer(settings, transactional_id=kwargs.pop("transactional_id")),
         admin=make_admin(settings),
-        store=AggregateStore(make_redis(settings), settings.redis_prefix),
-        serde=_serde(settings),
+        store=store,
+        serde=_serde(settings, copies=store),  # workers keep a copy of each writer schema in Redis
         stop=stop,
         manager=_process_manager(),
         **kwargs,

@@ -241,6 +241,10 @@ class AggregateStore:
     def replays_key(self) -> str:
         return self._key("replays")
 
+    @property
+    def schemas_key(self) -> str:
+        return self._key("schemas")
+
     # -- updates ---------------------------------------------------------------
     def apply(self, batches: Sequence[SourceBatch], *, worker: str, heartbeat: dict,
               now_ms: int) -> list[ApplyResult]:
@@ -364,7 +368,30 @@ class AggregateStore:
             raw = self._redis.hgetall(self.replays_key)
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    # -- writer schemas ----------------------------------------------------------
+    # A copy of every writer schema the pool has read, by registry id: a registry
+    # that forgets an id (restarted without durable storage, restored from an old
+    # backup) must not turn orders already counted into dead letters.
+    def keep_schema(self, schema_id: int, schema: str) -> str:
+        """Keep ``schema`` as the copy for ``schema_id`` unless one is kept; returns the kept copy."""
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hsetnx(self.schemas_key, str(schema_id), schema)
+            pipe.hget(self.schemas_key, str(schema_id))
+            _, kept = pipe.execute()
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        return _text(kept)
+
+    def kept_schema(self, schema_id: int) -> str | None:
+        """The kept copy of the writer schema ``schema_id``, or None."""
+        try:
+            kept = self._redis.hget(self.schemas_key, str(schema_id))
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
+        return _text(kept) if kept is not None else None
 
     def clear(self) -> int:
         """Delete every key under this prefix (tests and `orders reset`)."""
@@ -375,6 +402,11 @@ class AggregateStore:
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
         return len(keys)
+
+
+def _text(value: bytes | str) -> str:
+    # The client is made with decode_responses=False, so replies are bytes.
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _totals(raw: dict) -> Totals:
