@@ -42,6 +42,10 @@ def readme_block(heading: str) -> list[str]:
 
 @pytest.fixture
 def checkout(tmp_path):
+    # The checkout shares the repo's .venv. Bring it up to date from the repo first, so
+    # that the checkout's scripts/start finds it current and does not re-install the
+    # package from the checkout (which would leave the shared venv pointing at a temp dir).
+    subprocess.run([str(REPO / "scripts" / "venv")], check=True, capture_output=True)
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         target = tmp_path / name
@@ -82,3 +86,7 @@ def test_readme_commands_work_as_written(checkout):
     assert not (checkout / "run" / "supervisord.pid").exists()
     # The stack this checkout did not start is left running.
     assert subprocess.run([str(REPO / "scripts" / "stack"), "status"], capture_output=True).returncode == 0
+    # The shared venv still runs the repo's code, not the (deleted) checkout's.
+    where = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", "import workers; print(workers.__file__)"],
+                           cwd="/", capture_output=True, text=True, check=True).stdout.strip()
+    assert where == str(REPO / "workers" / "__init__.py")
