@@ -24,13 +24,15 @@ from bench.report import ROWS
 from ..conftest import stack_env
 from ..pool import REPO
 
-pytestmark = pytest.mark.timeout(120)  # a last resort: the run is stopped (and cleans up) after 80 s
+pytestmark = pytest.mark.timeout(420)  # a last resort: the run is stopped (and cleans up) after RUN_LIMIT_S
 
-RUN_LIMIT_S = 80
+# A hang guard, not a speed check: the run takes about 50 s on an idle 2-core machine
+# and much longer when other tests load it; each part has its own deadline too.
+RUN_LIMIT_S = 360
 
 
 def run_quick(out) -> subprocess.CompletedProcess:
-    """Run the smoke benchmark; past RUN_LIMIT_S, SIGTERM it (it then stops its pools and deletes what it made)."""
+    """Run the smoke benchmark; if it hangs past RUN_LIMIT_S, SIGTERM it (it then cleans up what it made)."""
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--json", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -38,7 +40,7 @@ def run_quick(out) -> subprocess.CompletedProcess:
     except subprocess.TimeoutExpired:
         proc.terminate()
         stdout, stderr = proc.communicate(timeout=30)
-        pytest.fail(f"bench/run.py --quick took more than {RUN_LIMIT_S} s: {stderr[-3000:]}")
+        pytest.fail(f"bench/run.py --quick hung (still running after {RUN_LIMIT_S} s): {stderr[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

@@ -65,7 +65,7 @@ def workers(evolution_env, tmp_path):
         pool.stop()
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)  # a hang guard: about 35 s on a loaded 2-core machine
 def test_v1_workers_count_orders_written_with_a_compatible_v2_schema(evolution_env, workers, tmp_path):
     settings = Settings.from_env(evolution_env)
     assert settings.schema_path.name == "order.avsc"  # the workers read with v1
@@ -76,10 +76,9 @@ def test_v1_workers_count_orders_written_with_a_compatible_v2_schema(evolution_e
     workers.start()
 
     # v2 appears while the workers run: registered by the producer itself.
-    result = run_orders(evolution_env, "produce", "--schema", str(V2), "--count", "60", "--seed", "2",
-                        "--record", str(v2_records))
-    assert "writing with schema id=" in result.stderr
-    assert subject_versions(settings) == [1, 2]
+    run_orders(evolution_env, "produce", "--schema", str(V2), "--count", "60", "--seed", "2",
+               "--record", str(v2_records))
+    assert subject_versions(settings) == [1, 2]  # it registered v2
     # v2 orders that use the new field (the CLI's random orders leave it null).
     v2 = load_schema(V2)
     v2_serde = OrderSerde(make_registry(settings), v2)
@@ -110,7 +109,7 @@ def test_v1_workers_count_orders_written_with_a_compatible_v2_schema(evolution_e
     assert {ids_by_order[o["orderId"]] for o in read_records(v1_records) + read_records(v1_again)} == {v1_id}
     assert {ids_by_order[o["orderId"]] for o in read_records(v2_records) + coupons} == {v2_id}
 
-    stats, dlq = wait_until_quiet(evolution_env, truth.count, 0, timeout=45)
+    stats, dlq = wait_until_quiet(evolution_env, truth.count, 0)
     assert dlq == []
     assert stats["count"] == truth.count == 139
     assert round(stats["sum"] * 100) == truth.cents
@@ -122,7 +121,7 @@ def test_v1_workers_count_orders_written_with_a_compatible_v2_schema(evolution_e
     assert workers.stop() == {role: 0 for role in workers.roles}, workers.logs()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)  # a hang guard
 @pytest.mark.parametrize("schema_file, diff", [
     ("order-incompatible.avsc", r"currency"),                 # an added required field without a default
     ("order-incompatible-price.avsc", r"price|/fields/2\b"),   # price: double -> string
