@@ -51,7 +51,7 @@ def cli(ctx: click.Context) -> None:
         ctx.obj = Settings.from_env()
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    logs.configure(ctx.obj.log_level)
+    logs.configure(ctx.obj.log_level, secrets=ctx.obj.secrets())
 
 
 def _serde(settings: Settings, copies: AggregateStore | None = None) -> OrderSerde:

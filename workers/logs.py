@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 
 FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s"
 
@@ -43,16 +44,31 @@ def _escape(ch: str) -> str:
 
 
 class EscapingFormatter(logging.Formatter):
-    """Formats each record on one line; a traceback keeps its lines, each escaped."""
+    """Formats each record on one line; a traceback keeps its lines, each escaped.
+
+    Any of ``secrets`` (values, longest first) is replaced by ``***`` wherever it
+    appears, such as in a library's error message that quotes its configuration.
+    """
+
+    def __init__(self, *args, secrets: Sequence[str] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._secrets = tuple(secrets)
+
+    def _clean(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return printable(text)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return printable(super().formatMessage(record))
+        return self._clean(super().formatMessage(record))
 
     def formatException(self, ei) -> str:
-        return "".join(_traceback_lines(ei[1], set())).rstrip("\n")
+        lines = "".join(_traceback_lines(ei[1], set())).rstrip("\n")
+        return "\n".join(self._clean(line) for line in lines.split("\n"))
 
     def formatStack(self, stack_info: str) -> str:
-        return "\n".join(printable(line) for line in stack_info.splitlines())
+        return "\n".join(self._clean(line) for line in stack_info.splitlines())
 
 
 def _traceback_lines(exc, seen: set[int]) -> list[str]:
@@ -78,10 +94,10 @@ def _traceback_lines(exc, seen: set[int]) -> list[str]:
     return lines
 
 
-def configure(level: str = "INFO") -> None:
-    """Log key=value lines to stderr, UTC timestamps, line-buffered for supervisor."""
+def configure(level: str = "INFO", secrets: Sequence[str] = ()) -> None:
+    """Log key=value lines to stderr, UTC timestamps, line-buffered for supervisor; ``secrets`` masked."""
     handler = logging.StreamHandler(sys.stderr)
-    formatter = EscapingFormatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter = EscapingFormatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S", secrets=secrets)
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import unquote
 
 from .errors import ConfigError
 
@@ -35,6 +36,8 @@ LIBRDKAFKA_SENSITIVE = frozenset({
 })
 # Names that look secret, for properties a newer librdkafka may add.
 _SECRET_WORDS = ("password", "secret", "key", "token", "user.info", "jaas", "credential")
+# Shorter values are not masked everywhere in the logs: "***" for every "ab" would help no one.
+_MIN_SECRET_CHARS = 4
 # Query parameters of a URL that carry a secret (redis-py reads ?password=...).
 _SECRET_QUERY = re.compile(r"([?&;][^=&;#]*(?:pass|pwd|secret|token|key|auth|credential)[^=&;#]*=)[^&;#]*",
                            re.IGNORECASE)
@@ -172,6 +175,23 @@ class Settings:
                 value = {k: ("***" if is_sensitive(k) else v) for k, v in value.items()}
             shown.append(f"{f.name}={value}")
         return " ".join(shown)
+
+    def secrets(self) -> list[str]:
+        """Every secret value these settings hold, longest first: logs mask them wherever they appear."""
+        values = [v for k, v in self.kafka_extra.items() if is_sensitive(k)]
+        values += [self.schema_registry_user_info, self.schema_registry_user_info.partition(":")[2]]
+        for url in (self.redis_url, self.schema_registry_url):
+            values += _url_secrets(url)
+        return sorted({v for v in values if len(v) >= _MIN_SECRET_CHARS}, key=len, reverse=True)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The password(s) in a URL, as written and URL-decoded (clients use the decoded form)."""
+    rest = url.partition("://")[2] or url
+    userinfo, at, _ = rest.rpartition("@")
+    found = [userinfo.partition(":")[2]] if at else []
+    found += [m.group(0).partition("=")[2] for m in _SECRET_QUERY.finditer(rest)]
+    return found + [unquote(v) for v in found]
 
 
 def _kafka_extra(env: Mapping[str, str]) -> dict[str, str]:

@@ -4,6 +4,7 @@ import logging
 import pytest
 
 from workers import logs
+from workers.settings import Settings
 
 HOSTILE = "\x1b[31mFAKE\nERROR x=1\r\x07"
 
@@ -39,3 +40,19 @@ def test_a_log_line_with_hostile_text_stays_one_line(capsys):
     assert lines[2] == "Traceback (most recent call last):"  # a traceback keeps its lines
     assert lines[-1] == "ValueError: \\x1b[31mFAKE\\nERROR x=1\\r\\x07"
     assert not any(line.startswith("ERROR x=1") for line in lines)
+
+
+def test_secret_values_are_masked_in_any_log_line(capsys):
+    settings = Settings.from_env({"REDIS_URL": "redis://h:1/0?password=pw%2Fredis-1",
+                                  "KAFKA_SASL_PASSWORD": "kafka-pw-2", "KAFKA_CLIENT_ID": "c",
+                                  "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": "reg:registry-pw-3"})
+    assert {"pw%2Fredis-1", "pw/redis-1", "kafka-pw-2", "registry-pw-3"} <= set(settings.secrets())
+    assert "c" not in settings.secrets()
+    logs.configure("INFO", secrets=settings.secrets())
+    try:
+        # e.g. a library's error quoting what it was given
+        logging.getLogger("workers.test").warning("auth failed password=pw/redis-1 sasl=kafka-pw-2 reg=registry-pw-3")
+    finally:
+        logging.getLogger().handlers[:] = []
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("auth failed password=*** sasl=*** reg=***"), err
