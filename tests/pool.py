@@ -258,3 +258,67 @@ def check_retries_waited(settings: Settings) -> None:
             assert next_published >= due, f"{key}: retried {due - next_published} ms early"
         if key in dead:
             assert dead[key] >= chain[-1][1], f"{key}: dead-lettered before its last retry was due"
+
+
+class LogTruth:
+    """What the aggregate must be, read from the log alone, whatever settings decided it.
+
+    Every order on the orders topic is counted once unless the DLQ holds it; the
+    checker needs no knowledge of failure rates, so it holds across runs under
+    different settings.
+    """
+
+    def __init__(self, settings: Settings):
+        serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+        dead = [env_headers.header_dict(m.headers()) for m in read_topic(settings.bootstrap_servers,
+                                                                           settings.dlq_topic)]
+        self.dead_origins = [(h[env_headers.ORIGINAL_TOPIC], int(h[env_headers.ORIGINAL_PARTITION]),
+                              int(h[env_headers.ORIGINAL_OFFSET])) for h in dead]
+        dead_set = set(self.dead_origins)
+        self.count_by_partition: dict[int, int] = {}
+        self.cents_by_partition: dict[int, int] = {}
+        self.total = 0
+        for msg in read_topic(settings.bootstrap_servers, settings.orders_topic):
+            self.total += 1
+            if (msg.topic(), msg.partition(), msg.offset()) in dead_set:
+                continue
+            order = serde.decode(msg.value())
+            p = msg.partition()
+            self.count_by_partition[p] = self.count_by_partition.get(p, 0) + 1
+            self.cents_by_partition[p] = self.cents_by_partition.get(p, 0) + price_cents(order)
+
+    @property
+    def count(self) -> int:
+        return sum(self.count_by_partition.values())
+
+    @property
+    def cents(self) -> int:
+        return sum(self.cents_by_partition.values())
+
+    def matches(self, s: dict) -> bool:
+        return (s["count"] == self.count and round(s["sum"] * 100) == self.cents
+                and all(p["count"] == self.count_by_partition.get(p["partition"], 0) for p in s["partitions"]))
+
+
+def check_exact(env: dict, settings: Settings, timeout: float = 120) -> LogTruth:
+    """Wait until ``orders stats`` equals the truth read from the log and stays there; check the DLQ.
+
+    No order is dead-lettered twice, and none is both counted and dead-lettered.
+    """
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        truth = LogTruth(settings)
+        s = stats(env)
+        if truth.matches(s):
+            time.sleep(2)  # and nothing more arrives
+            again = LogTruth(settings)
+            if again.matches(stats(env)) and len(again.dead_origins) == len(truth.dead_origins):
+                break
+        last = (s["count"], truth.count, len(truth.dead_origins))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"stats never matched the log after {timeout}s: (count, truth, dead)={last}")
+        time.sleep(1)
+    assert len(truth.dead_origins) == len(set(truth.dead_origins)), "an order was dead-lettered twice"
+    assert truth.count + len(truth.dead_origins) == truth.total
+    return truth

@@ -80,7 +80,7 @@ def test_worker_started_before_redis_waits_then_counts(env, tmp_path):
     worker = Worker(late_env, tmp_path / "worker.log")
     redis_proc = None
     try:
-        worker.wait_for_log("waiting for redis")
+        worker.wait_for_log("reason=redis")  # it reached the wait (a sync point, not the assertion)
         time.sleep(3)
         assert worker.proc.poll() is None  # waiting, not crash-looping
         redis_proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
