@@ -147,7 +147,7 @@ class Decider:
         headers = retry_headers(origin, parked_from=coordinates(msg), attempt=next_attempt,
                                 due_at_ms=now_ms() + delay, error_type=exc.error_type, error_message=str(exc))
         from . import oversize
-        if not oversize.fits(self._settings, msg.key(), msg.value(), headers):
+        if not oversize.fits(self._settings, msg.key(), msg.value(), headers, topic=self._settings.retry_topic):
             return self.dead_letter(msg, exc, next_attempt - 1, provenance)  # it could never be retried
         log.info("retry scheduled topic=%s partition=%d offset=%d key=%s attempt=%d delay_ms=%d error=%s",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), next_attempt, delay, exc.error_type)
@@ -159,7 +159,8 @@ class Decider:
         headers = dead_letter_headers(origin, parked_from=coordinates(msg), attempts=attempts,
                                       error_type=exc.error_type, error_message=str(exc), dead_lettered_at_ms=now_ms())
         from . import oversize
-        key, value, headers = oversize.fit(self._settings, msg.key(), msg.value(), headers, where=coordinates(msg))
+        key, value, headers = oversize.fit(self._settings, msg.key(), msg.value(), headers, where=coordinates(msg),
+                                           topic=self._settings.dlq_topic)
         log.info("dead letter topic=%s partition=%d offset=%d key=%s attempts=%d error_type=%s error=%r",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), attempts, exc.error_type, str(exc))
         return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, key, value,
@@ -625,9 +626,11 @@ class BatchWorker:
         self._rewind()
 
     def _produce(self, m: OutMessage) -> None:
+        from . import oversize
         while True:
             try:
-                self.producer.produce(m.topic, value=m.value, key=m.key, headers=m.headers)
+                self.producer.produce(m.topic, value=m.value, key=m.key, headers=m.headers,
+                                      on_delivery=oversize.on_delivery(m.topic, m.key, m.value, m.headers))
                 break
             except BufferError:
                 self.producer.poll(0.1)  # the local queue is full: let deliveries drain

@@ -19,6 +19,8 @@ import hashlib
 import logging
 from collections.abc import Sequence
 
+from confluent_kafka import KafkaError, Message
+
 from .clients import producer_conf
 from .settings import Settings
 from .topics import PARKING_MAX_MESSAGE_BYTES
@@ -40,16 +42,24 @@ MARGIN_BYTES = 128 * 1024
 
 Headers = list[tuple[str, bytes]]
 
+# What the broker taught this process: a parking topic created elsewhere may take
+# less than PARKING_MAX_MESSAGE_BYTES. topic -> the largest size allowed from now on
+# (one less than the smallest message it rejected as too large). The rejected
+# transaction is aborted and its batch decided again, now against this limit, so
+# one failure is all it costs.
+_learned: dict[str, int] = {}
 
-def limit_bytes(settings: Settings) -> int:
-    """The largest retry/DLQ message (key + value + headers) that is forwarded whole.
+
+def limit_bytes(settings: Settings, topic: str | None = None) -> int:
+    """The largest retry/DLQ message (key + value + headers) forwarded whole (to ``topic``).
 
     The producer refuses anything over its message.max.bytes; a parking topic
     refuses a batch over its max.message.bytes, and a message this large is a
-    batch of its own.
+    batch of its own. A topic that rejected a smaller one is held to that.
     """
     producer_max = int(producer_conf(settings)["message.max.bytes"])
-    return min(producer_max, PARKING_MAX_MESSAGE_BYTES) - MARGIN_BYTES
+    limit = min(producer_max, PARKING_MAX_MESSAGE_BYTES) - MARGIN_BYTES
+    return min(limit, _learned.get(topic, limit)) if topic else limit
 
 
 def size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]] = ()) -> int:
@@ -57,23 +67,24 @@ def size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, by
 
 
 def fits(settings: Settings, key: bytes | None, value: bytes | None,
-         headers: Sequence[tuple[str, bytes | None]] = ()) -> bool:
+         headers: Sequence[tuple[str, bytes | None]] = (), *, topic: str | None = None) -> bool:
     """Whether a message with this key, value and headers can be retried or dead-lettered whole."""
-    return size(key, value, headers) <= limit_bytes(settings)
+    return size(key, value, headers) <= limit_bytes(settings, topic)
 
 
 def fit(settings: Settings, key: bytes | None, value: bytes | None, headers: Headers, *,
-        where: str) -> tuple[bytes | None, bytes | None, Headers]:
-    """(key, value, headers) to dead-letter: as they are if they fit, else a reference.
+        where: str, topic: str | None = None) -> tuple[bytes | None, bytes | None, Headers]:
+    """(key, value, headers) to dead-letter (to ``topic``): as they are if they fit, else a reference.
 
     ``where`` (topic:partition:offset of the message handled) is for the log line.
     """
-    limit = limit_bytes(settings)
+    limit = limit_bytes(settings, topic)
     total = size(key, value, headers)
     if total <= limit:
         return key, value, headers
+    rejected = " (the broker rejected one that size)" if topic in _learned else ""
     reason = (f"too large to retry or dead-letter whole: {total} bytes with key and headers, "
-              f"over the {limit} that can be forwarded")
+              f"over the {limit} that can be forwarded{rejected}")
     extra = {VALUE_OMITTED: reason, **_describe(value, VALUE_SIZE, VALUE_SHA256, VALUE_HEAD)}
     if size(key, None, headers) + 4096 > limit:  # the key alone is too large as well
         extra.update(_describe(key, KEY_SIZE, KEY_SHA256, KEY_HEAD))
@@ -81,6 +92,18 @@ def fit(settings: Settings, key: bytes | None, value: bytes | None, headers: Hea
     log.warning("value not kept where=%s value_bytes=%d sha256=%s reason=%s action=dead_letter_reference",
                 where, len(value or b""), extra[VALUE_SHA256], reason)
     return key, None, headers + [(name, str(v).encode()) for name, v in extra.items()]
+
+
+def on_delivery(topic: str, key: bytes | None, value: bytes | None, headers: Headers):
+    """A delivery callback for a retry/DLQ message: learns from the broker's "too large"."""
+    total = size(key, value, headers)
+
+    def report(err: KafkaError | None, msg: Message) -> None:
+        if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            _learned[topic] = min(_learned.get(topic, total), total - 1)
+            log.warning("broker rejected a message as too large topic=%s bytes=%d limit_now=%d "
+                        "action=dead_letter_references_from_now_on", topic, total, _learned[topic])
+    return report
 
 
 def _describe(blob: bytes | None, size_header: str, sha_header: str, head_header: str) -> dict[str, object]:

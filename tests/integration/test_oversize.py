@@ -14,9 +14,11 @@ import base64
 import hashlib
 import itertools
 import json
+import random
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
 
 from workers import envelope as env_headers
 from workers import oversize
@@ -27,7 +29,7 @@ from workers.settings import Settings
 from workers.topics import ensure_topics
 
 from ..conftest import isolated_env
-from ..pool import read_topic, run_orders, wait_until_quiet
+from ..pool import read_topic, run_orders, wait_until, wait_until_quiet
 from .conftest import cleanup
 from .test_hostile_input import Workers, delete_subjects
 
@@ -52,6 +54,15 @@ def workers(oversize_env, tmp_path):
         yield pool
     finally:
         pool.stop()
+
+
+def committed_offset(settings: Settings, role: str) -> int:
+    """The offset the worker's group has committed on partition 0 of the orders topic (-1: none)."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id(role)})
+    try:
+        return consumer.committed([TopicPartition(settings.orders_topic, 0)], timeout=10)[0].offset
+    finally:
+        consumer.close()
 
 
 def order_ids(prefix: str, *, fails: tuple[bool, ...]):
@@ -151,3 +162,64 @@ def test_a_value_too_large_to_forward_is_dead_lettered_as_a_reference(oversize_e
     workers.assert_alive_and_clean()
     codes = workers.stop()
     assert codes == {role: 0 for role in workers.roles}, f"{codes}\n{workers.logs()}"
+
+
+# The worker learns the limit and keeps a reference (see its log: "broker rejected a message as
+# too large"), but the engine's rewind after the aborted transaction treats the offset as counted:
+# BatchWorker.records (the kept decision records) is read from Redis at start only, so prior()
+# answers APPLIED for a parked decision made in this run and it is never published again.
+@pytest.mark.xfail(strict=True, reason="engine: decision records made since start are not republished after "
+                                       "an aborted transaction (BatchWorker.records not refreshed)")
+@pytest.mark.timeout(180)
+def test_a_dlq_topic_that_takes_less_than_expected_does_not_stall_the_partition(oversize_env, workers):
+    """A DLQ topic created elsewhere with a small max.message.bytes: the broker rejects the dead
+    letter (its transaction aborts); the worker learns that size is too large and keeps a reference."""
+    settings = Settings.from_env(oversize_env)
+    admin = make_admin(settings)
+    for future in admin.create_topics([NewTopic(settings.dlq_topic, num_partitions=1, replication_factor=-1,
+                                                config={"max.message.bytes": str(300_000)})]).values():
+        future.result()
+    ensure_topics(admin, settings)
+    serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+    serde.register(settings.orders_topic)
+
+    good_ids = order_ids("good", fails=(False,))
+    good = [{"orderId": next(good_ids), "product": "desk", "price": round(2 + n * 0.41, 2)} for n in range(30)]
+    noise = b"\x07" + random.Random(7).randbytes(600_000)  # incompressible, and not an order
+    sequence = ([(o["orderId"], serde.encode(o)) for o in good[:15]] + [("noise", noise)]
+                + [(o["orderId"], serde.encode(o)) for o in good[15:]])
+
+    workers.start()
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True,
+                         "linger.ms": 5})
+    offsets: dict[str, int] = {}
+
+    def report(err, msg):
+        assert err is None, err
+        offsets[msg.key().decode()] = msg.offset()
+
+    def send(part):
+        for key, value in part:
+            producer.produce(settings.orders_topic, key=key.encode(), value=value, partition=0, on_delivery=report)
+            producer.poll(0)
+        assert producer.flush(60) == 0
+
+    # The worker has committed its progress (K) before the big value comes: the aborted
+    # transaction is then replayed from K.
+    send(sequence[:15])
+    wait_until(lambda: committed_offset(settings, "partition-0") == 15, "the worker committed offset 15")
+    send(sequence[15:])
+    assert len(offsets) == len(sequence)
+
+    stats, dlq = wait_until_quiet(oversize_env, len(good), 1, timeout=90)
+    assert stats["count"] == len(good)
+    assert round(stats["sum"] * 100) == sum(price_cents(o) for o in good)
+    assert len(dlq) == 1, dlq
+    d = dlq[0]
+    assert (d["key"], d["original_partition"], d["original_offset"]) == ("noise", 0, offsets["noise"])
+    assert d["error_type"] == "UndecodableMessage"
+    assert d["reference"]["value_size"] == len(noise)
+    assert d["reference"]["value_sha256"] == hashlib.sha256(noise).hexdigest()
+    assert "rejected" in d["reference"]["reason"]
+    assert "transaction failed" in workers.log("partition-0")  # once: then it knew
+    workers.assert_alive_and_clean()

@@ -1,6 +1,8 @@
 import base64
 import hashlib
 
+from confluent_kafka import KafkaError
+
 from workers import envelope as env
 from workers import oversize
 from workers.settings import Settings
@@ -45,3 +47,19 @@ def test_a_key_too_large_is_described_too():
 
 def test_a_kept_message_has_no_reference():
     assert oversize.reference(env.header_dict(HEADERS)) is None
+
+
+def test_a_topic_that_rejected_a_size_gets_references_from_then_on():
+    topic = "small-dlq-unit"
+    value = b"x" * 600_000
+    assert oversize.fits(SETTINGS, b"k", value, HEADERS, topic=topic)
+    report = oversize.on_delivery(topic, b"k", value, HEADERS)
+    report(None, None)  # delivered: nothing learned
+    assert oversize.fits(SETTINGS, b"k", value, HEADERS, topic=topic)
+    report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
+    assert not oversize.fits(SETTINGS, b"k", value, HEADERS, topic=topic)
+    assert oversize.fits(SETTINGS, b"k", value[:-1000], HEADERS, topic=topic)
+    assert oversize.fits(SETTINGS, b"k", value, HEADERS, topic="another-topic")
+    key, kept, headers = oversize.fit(SETTINGS, b"k", value, HEADERS, where="orders:0:1", topic=topic)
+    ref = oversize.reference(env.header_dict(headers))
+    assert kept is None and ref is not None and "rejected" in ref["reason"]
