@@ -137,6 +137,13 @@ def test_no_secret_in_any_output(private_redis, tmp_path):
                          ("status", "--json"), ("dlq", "replay", "--dry-run")):
                 result = run_orders(env, *args)
                 assert_no_secret(f"orders {' '.join(args)} ({form})", result.stdout + result.stderr)
+        # The registry's password in its URL instead (the client takes user info from the URL).
+        registry_url = env["SCHEMA_REGISTRY_URL"].replace("://", f"://orders:reg-{SECRET}-url@", 1)
+        registry = {**env, "SCHEMA_REGISTRY_URL": registry_url}
+        del registry["SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"]
+        assert_no_secret("orders init (registry URL)", str(run_orders(registry, "init")))
+        log = run_worker_until_started(registry, tmp_path / "worker-r.log")
+        assert_no_secret("the worker's log (registry URL)", log)
         # TLS against a plain server fails: the error and the retries must hide the password too.
         env["REDIS_URL"] = f"rediss://:{REDIS_PASSWORD}@127.0.0.1:{private_redis}/0"
         failed = run_orders(env, "stats", check=False)
