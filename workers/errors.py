@@ -30,6 +30,10 @@ class StopRequested(OrdersError):
     """A signal asked the process to stop while it was waiting for a server."""
 
 
+class FatalWorkerError(OrdersError):
+    """The worker cannot go on (fenced, fatal Kafka error); supervisor restarts it."""
+
+
 class OrderError(OrdersError):
     """Processing one message failed; carries where the message came from."""
 
