@@ -18,6 +18,7 @@ from .clients import wait_for
 from .engine import NEW, BatchPlan, BatchWorker, message_key, now_ms
 from .envelope import MalformedEnvelope, Provenance, header_dict, retry_attempt
 from .errors import PermanentError
+from .processing import backoff_ms
 from .store import Source
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 class MalformedRetry(PermanentError):
     """A message on the retry topic without the headers the retry worker needs."""
+
+
+# A due time can be at most the longest backoff the settings give, plus this, ahead
+# of now (room for clock skew and a backoff shortened between runs). One further
+# ahead would pause its partition for as long: it is dead-lettered instead.
+DUE_MARGIN_MS = 60_000
 
 
 class RetryWorker(BatchWorker):
@@ -83,9 +90,19 @@ class RetryWorker(BatchWorker):
         if self.prior(source, msg.offset())[0] != NEW:
             return 0  # decided before: nothing to wait for
         try:
-            return retry_attempt(header_dict(msg.headers()))[1]
+            return self._checked_due(retry_attempt(header_dict(msg.headers()))[1])
         except MalformedEnvelope:
             return 0  # handled (dead-lettered) at once
+
+    def _checked_due(self, due_ms: int) -> int:
+        """The due time, if no further ahead than any backoff can put it; raises MalformedEnvelope."""
+        s = self.settings
+        longest = backoff_ms(max(1, s.max_retries), s.retry_backoff_ms, s.retry_backoff_multiplier)
+        ahead = due_ms - now_ms()
+        if ahead > longest + DUE_MARGIN_MS:
+            raise MalformedEnvelope(f"due time {due_ms} is {ahead} ms ahead, beyond the longest backoff "
+                                    f"({longest} ms) plus {DUE_MARGIN_MS} ms")
+        return due_ms
 
     def _take_due(self, source: Source, queue: deque, plan: BatchPlan) -> None:
         batch = None
@@ -95,7 +112,8 @@ class RetryWorker(BatchWorker):
                 batch = plan.batch_for(source, self.known[source])
             headers = header_dict(msg.headers())
             try:
-                attempt, _ = retry_attempt(headers)
+                attempt, due_ms = retry_attempt(headers)
+                self._checked_due(due_ms)
                 provenance = Provenance.from_headers(headers)
                 if not 0 <= provenance.partition < self.settings.partitions:
                     raise MalformedEnvelope(f"original partition {provenance.partition} does not exist")

@@ -1,0 +1,66 @@
+"""What anyone who can write to the retry topic can do to it: the retry worker never stalls."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from confluent_kafka import Producer
+
+from workers import envelope as env_headers
+from workers.clients import make_registry
+from workers.processing import price_cents
+from workers.producer import random_orders
+from workers.serde import OrderSerde, load_schema
+from workers.settings import Settings
+
+from ..conftest import isolated_env
+from ..pool import dead_letters, run_orders, stats, wait_until
+from .conftest import cleanup
+from .test_hostile_input import Workers
+
+pytestmark = pytest.mark.timeout(120)
+
+TEN_YEARS_MS = 10 * 365 * 24 * 3600 * 1000
+
+
+@pytest.fixture
+def env():
+    env = isolated_env("retrytopic", ORDERS_FAILURE_RATE="0", RETRY_BACKOFF_MS="200")
+    yield env
+    cleanup(Settings.from_env(env))
+
+
+def retry_message(settings: Settings, offset: int, due_at_ms: int) -> list[tuple[str, bytes]]:
+    """Headers of a well-formed retry (attempt 2) of orders partition 0 at ``offset``."""
+    origin = env_headers.Provenance(settings.orders_topic, 0, offset, int(time.time() * 1000), 0)
+    return env_headers.retry_headers(origin, parked_from=f"{settings.orders_topic}:0:{offset}", attempt=2,
+                                     due_at_ms=due_at_ms, error_type="DownstreamUnavailable", error_message="x")
+
+
+def test_a_due_time_years_ahead_is_dead_lettered_not_waited_for(env, tmp_path):
+    """A retry due in ten years would pause its partition for ten years; the ones behind it go on."""
+    settings = Settings.from_env(env)
+    run_orders(env, "init")
+    serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+    serde.register(settings.orders_topic)
+    poison, good = [o for o, _ in zip(random_orders(seed=3), range(2))]
+    now = int(time.time() * 1000)
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    producer.produce(settings.retry_topic, key=b"poison", value=serde.encode(poison), partition=0,
+                     headers=retry_message(settings, 0, now + TEN_YEARS_MS))
+    producer.produce(settings.retry_topic, key=b"good", value=serde.encode(good), partition=0,
+                     headers=retry_message(settings, 1, now))
+    assert producer.flush(30) == 0
+
+    workers = Workers(env, tmp_path, partitions=0)  # the retry worker alone
+    try:
+        workers.start()
+        wait_until(lambda: stats(env)["count"] == 1, "the retry behind the poison is counted", timeout=60)
+        letters = wait_until(lambda: dead_letters(env), "the poison is dead-lettered", timeout=30)
+        assert round(stats(env)["sum"] * 100) == price_cents(good)
+        assert [d["key"] for d in letters] == ["poison"]
+        assert letters[0]["error_type"] == "MalformedRetry"
+        assert "ahead, beyond the longest backoff" in letters[0]["error_message"]
+        workers.assert_alive_and_clean()
+    finally:
+        assert workers.stop() == {"retry": 0}
