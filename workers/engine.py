@@ -31,12 +31,10 @@ Exactly-once, without a distributed transaction between Kafka and Redis:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -49,7 +47,7 @@ from confluent_kafka.admin import AdminClient
 from .clients import make_consumer, wait_for
 from .latency import LatencyHistogram
 from .envelope import REPLAY_OF, Provenance, dead_letter_headers, retry_headers
-from .errors import (OrderError, OrdersError, PermanentError, RecordedError, ServiceUnavailable,
+from .errors import (FatalWorkerError, OrderError, OrdersError, PermanentError, RecordedError, ServiceUnavailable,
                      TransientError)
 from .ledger import Published, published_decisions
 from .processing import Downstream, backoff_ms, price_cents, validate
@@ -57,27 +55,17 @@ from .serde import OrderSerde
 from .settings import Settings
 from .store import (DEAD, RESET, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source,
                     SourceBatch)
+from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL_S = 2.0      # heartbeat + "is my Redis state still there?" check
 COMMIT_INTERVAL_S = 5.0     # commit progress of batches that had no side effects
 TRANSACTION_INTERVAL_S = 0.2  # an open transaction (with retry/DLQ messages) commits this often
-KAFKA_TIMEOUT_S = 15.0
-# librdkafka's send_offsets_to_transaction can block forever, past its timeout,
-# when the group coordinator went away (librdkafka issues 5456 and 5511, seen here
-# on a broker restart). A transaction that outlives this ends the process; the
-# supervisor restarts it and the protocol above makes the restart safe.
-TRANSACTION_WATCHDOG_S = 45.0
-EXIT_STUCK = 3
 
 
 # BatchWorker.prior: what is known of an offset's outcome before deciding it
 NEW, PUBLISHED, COMMITTED, RECORDED, APPLIED = range(5)
-
-
-class FatalWorkerError(OrdersError):
-    """The worker cannot go on (fenced, fatal Kafka error); supervisor restarts it."""
 
 
 def now_ms() -> int:
@@ -199,51 +187,6 @@ def message_key(msg: Message) -> str:
     return printable(key.decode("utf-8", "replace")) if key is not None else "-"
 
 
-def _transaction_call(call: Callable[[], None], what: str) -> None:
-    """Run a transaction API call: fatal errors end the worker, others mean Kafka is unavailable."""
-    try:
-        call()
-    except KafkaException as exc:
-        err = exc.args[0]
-        if err.fatal():
-            raise FatalWorkerError(f"{what} failed fatally: {err.str()}") from exc
-        raise ServiceUnavailable(f"kafka: {err.str()}") from exc
-
-
-class Watchdog:
-    """Ends the process (exit code 3) if an armed section runs past its deadline.
-
-    For library calls that can hang without honouring their timeout; a restart is
-    safe, a silent hang is not. One daemon thread, started on first use.
-    """
-
-    def __init__(self):
-        self._deadline: float | None = None
-        self._what = ""
-        self._thread: threading.Thread | None = None
-
-    @contextlib.contextmanager
-    def armed(self, what: str, seconds: float):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-            self._thread.start()
-        self._what, self._deadline = what, time.monotonic() + seconds
-        try:
-            yield
-        finally:
-            self._deadline = None
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(1.0)
-            deadline = self._deadline
-            if deadline is not None and time.monotonic() > deadline:
-                log.critical("stuck in %s for longer than its deadline: exiting so that the supervisor "
-                             "restarts this worker", self._what)
-                logging.shutdown()
-                os._exit(EXIT_STUCK)
-
-
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it between short polls."""
 
@@ -299,7 +242,7 @@ class BatchWorker:
         self._total = None
         self.latency = LatencyHistogram()
         self.watchdog = Watchdog()
-        self._txn_started: float | None = None  # monotonic time the open transaction began
+        self.txn = KafkaTransaction(producer, stop=stop, watchdog=self.watchdog)
 
     # -- hooks ---------------------------------------------------------------------
     def plan(self, messages: Sequence[Message]) -> BatchPlan:
@@ -438,7 +381,7 @@ class BatchWorker:
         return NEW, None
 
     def _init_transactions(self) -> None:
-        _transaction_call(lambda: self.producer.init_transactions(KAFKA_TIMEOUT_S), "init_transactions")
+        self.txn.init()
 
     def _committed_offsets(self, ends: dict[Source, int]) -> dict[Source, int | None]:
         """K per source; None where missing, or written for another incarnation of the topic."""
@@ -567,20 +510,18 @@ class BatchWorker:
     def _publish(self, out: list[OutMessage]) -> None:
         """Produce retry/DLQ messages into the open transaction (opening one if needed)."""
         try:
-            if self._txn_started is None:
-                self.producer.begin_transaction()
-                self._txn_started = time.monotonic()
-            for m in out:
-                self._produce(m)
-        except KafkaException as exc:
+            with self.txn.producing():
+                for m in out:
+                    self._produce(m)
+        except TransactionAborted as exc:
             self._transaction_failed(exc)
 
     def _maybe_commit(self) -> None:
         # Like Kafka Streams' commit.interval.ms under exactly-once: one transaction
         # spans the batches of a short interval, so its round trips are not paid per batch.
         now = time.monotonic()
-        if self._txn_started is not None:
-            if now - self._txn_started >= TRANSACTION_INTERVAL_S:
+        if self.txn.opened_at is not None:
+            if now - self.txn.opened_at >= TRANSACTION_INTERVAL_S:
                 self._commit()
         elif self._uncommitted() and now - self._last_commit >= COMMIT_INTERVAL_S:
             self._commit()
@@ -598,31 +539,21 @@ class BatchWorker:
     def _commit(self, refresh: bool = False) -> None:
         """Commit the open transaction (or one with only offsets) with every position handled."""
         offsets = self._offsets_to_commit(refresh)
-        if self._txn_started is None and not offsets:
+        if not offsets and not self.txn.is_open:
             return
         try:
-            with self.watchdog.armed("kafka transaction", TRANSACTION_WATCHDOG_S):
-                if self._txn_started is None:
-                    self.producer.begin_transaction()
-                if offsets:
-                    self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(),
-                                                              KAFKA_TIMEOUT_S)
-                self.producer.commit_transaction(KAFKA_TIMEOUT_S)
-        except KafkaException as exc:
+            committed = self.txn.commit(offsets, self.consumer.consumer_group_metadata())
+        except TransactionAborted as exc:
             self._transaction_failed(exc)
             return
-        self._txn_started = None
-        for tp in offsets:
+        for tp in committed:
             self.committed[Source(tp.topic, tp.partition)] = tp.offset
         self._last_commit = time.monotonic()
 
-    def _transaction_failed(self, exc: KafkaException) -> None:
-        err = exc.args[0]
-        if err.fatal():
-            raise FatalWorkerError(f"transaction failed fatally: {err.str()}") from exc
-        # Redis has counted what the transaction covered; replaying from K
-        # re-publishes its messages and the offset guard skips the counting.
-        log.warning("transaction failed worker=%s reason=%s action=abort_and_rewind", self.name, err.str())
+    def _transaction_failed(self, exc: TransactionAborted) -> None:
+        # The transaction is aborted. Redis has counted what it covered; replaying
+        # from K re-publishes its messages and the offset guard skips the counting.
+        log.warning("transaction failed worker=%s reason=%s action=abort_and_rewind", self.name, exc)
         self._rewind()
 
     def _produce(self, m: OutMessage) -> None:
@@ -638,11 +569,7 @@ class BatchWorker:
 
     def _abort(self) -> None:
         """Abort the open transaction, if any: its messages never become visible."""
-        if self._txn_started is None:
-            return
-        wait_for(lambda: _transaction_call(lambda: self.producer.abort_transaction(KAFKA_TIMEOUT_S), "abort"),
-                 "kafka (abort transaction)", should_stop=self.stop)
-        self._txn_started = None
+        self.txn.abort()
 
     def _rewind(self, lost: set[Source] = frozenset(), behind: dict[Source, int] | None = None) -> None:
         """Abort, then re-read every source from min(R, K).
@@ -653,11 +580,11 @@ class BatchWorker:
         self._abort()
         for source in lost:
             self.known[source] = None
-            self.records[source] = {}
         for source, stored in (behind or {}).items():
             self.known[source] = stored
-        if behind:
-            self.records = wait_for(lambda: self.store.decision_records(self.sources), "redis", should_stop=self.stop)
+        # The decisions parked since the last read are in Redis only (the aborted
+        # transaction never published them): read them all again.
+        self.records = wait_for(lambda: self.store.decision_records(self.sources), "redis", should_stop=self.stop)
         wait_for(self._resume_all, "kafka (log of record)", should_stop=self.stop)
         log.info("rewind worker=%s positions=%s", self.name,
                  ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()))

@@ -164,12 +164,6 @@ def test_a_value_too_large_to_forward_is_dead_lettered_as_a_reference(oversize_e
     assert codes == {role: 0 for role in workers.roles}, f"{codes}\n{workers.logs()}"
 
 
-# The worker learns the limit and keeps a reference (see its log: "broker rejected a message as
-# too large"), but the engine's rewind after the aborted transaction treats the offset as counted:
-# BatchWorker.records (the kept decision records) is read from Redis at start only, so prior()
-# answers APPLIED for a parked decision made in this run and it is never published again.
-@pytest.mark.xfail(strict=True, reason="engine: decision records made since start are not republished after "
-                                       "an aborted transaction (BatchWorker.records not refreshed)")
 @pytest.mark.timeout(180)
 def test_a_dlq_topic_that_takes_less_than_expected_does_not_stall_the_partition(oversize_env, workers):
     """A DLQ topic created elsewhere with a small max.message.bytes: the broker rejects the dead
