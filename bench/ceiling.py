@@ -63,7 +63,7 @@ def read_partition(env: dict, partition: int, count: int, ready, go, results) ->
         for msg in batch:
             if msg.error() is not None:
                 continue
-            body = io.BytesIO(msg.value())
+            body = io.BytesIO(msg.value() or b"")
             body.seek(HEADER_SIZE)
             fastavro.schemaless_reader(body, schema, None)
             decoded += 1

@@ -71,7 +71,7 @@ def naive_consumer(env: dict, stop, assignments) -> None:
             msg = consumer.poll(1.0)
             if msg is None or msg.error() is not None:
                 continue
-            order = deserializer(msg.value(), SerializationContext(msg.topic(), MessageField.VALUE))
+            order = deserializer(msg.value(), SerializationContext(msg.topic() or "", MessageField.VALUE))
             if handle(order, settings, downstream):
                 key = f"{{{settings.redis_prefix}}}:naive:partition:{msg.partition()}"
                 r.hincrbyfloat(key, "sum", order["price"])

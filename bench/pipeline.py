@@ -130,6 +130,8 @@ def drain(env: dict, total: int, timeout: float) -> dict:
 
 def summarise(watcher: Watcher, failure_rate: float) -> dict:
     first, last = watcher.first, watcher.last
+    if first is None or last is None:
+        raise RuntimeError("the pool counted nothing while it was watched")
     window_s = (last.at_ms - first.at_ms) / 1000
     if window_s <= 0:
         raise RuntimeError("the backlog was drained in one batch per worker: produce more orders")

@@ -74,7 +74,7 @@ def build_report(raw: dict, meta: dict) -> dict:
     if rss:
         f.values["rss_peak_mb_max"] = max(rss.values())
     figures = {k: f.values[k] for k in ROWS if k in f.values}
-    targets = {k: {"target": ROWS[k][2], "met": ROWS[k][3](v)} for k, v in figures.items() if ROWS[k][3]}
+    targets = {k: {"target": ROWS[k][2], "met": met(v)} for k, v in figures.items() if (met := ROWS[k][3])}
     return {"meta": meta, "figures": figures, "repetitions": f.reps, "targets": targets,
             "rss_peak_mb": rss, "raw": raw}
 

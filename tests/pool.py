@@ -12,12 +12,12 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import psutil
 import pytest
-
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from workers import envelope as env_headers
@@ -161,7 +161,8 @@ class Truth:
                 self.undecodable += 1
                 continue
             self.decoded[order["orderId"]] = order
-            if all(attempt_fails(order["orderId"], a, settings.failure_rate) for a in range(1, settings.max_attempts + 1)):
+            attempts = range(1, settings.max_attempts + 1)
+            if all(attempt_fails(order["orderId"], a, settings.failure_rate) for a in attempts):
                 self.expected_dead.add(order["orderId"])
                 continue
             p = msg.partition()
@@ -200,7 +201,7 @@ def dead_letters(env: dict) -> list[dict]:
 def wait_until_quiet(env: dict, expected_count: int, expected_dead: int, timeout: float = 120) -> tuple[dict, list]:
     """Poll stats and the DLQ until they reach the expected totals and stay there."""
     deadline = time.monotonic() + timeout
-    last = None
+    last: tuple[int, int | None] | None = None
     while time.monotonic() < deadline:
         s = stats(env)
         if s["count"] >= expected_count:
@@ -214,7 +215,8 @@ def wait_until_quiet(env: dict, expected_count: int, expected_dead: int, timeout
         else:
             last = (s["count"], None)
         time.sleep(1)
-    raise AssertionError(f"not quiet after {timeout}s: (count, dlq)={last}, expected ({expected_count}, {expected_dead})")
+    raise AssertionError(f"not quiet after {timeout}s: (count, dlq)={last}, "
+                         f"expected ({expected_count}, {expected_dead})")
 
 
 def check_invariants(env: dict, settings: Settings) -> Truth:
@@ -254,7 +256,7 @@ def check_retries_waited(settings: Settings) -> None:
     for key, chain in steps.items():
         chain.sort()
         assert [a for a, _, _ in chain] == list(range(2, 2 + len(chain))), f"{key}: attempts {chain}"
-        for (_, due, _), (_, _, next_published) in zip(chain, chain[1:]):
+        for (_, due, _), (_, _, next_published) in zip(chain, chain[1:], strict=False):  # each step with the next
             assert next_published >= due, f"{key}: retried {due - next_published} ms early"
         if key in dead:
             assert dead[key] >= chain[-1][1], f"{key}: dead-lettered before its last retry was due"

@@ -11,8 +11,7 @@ from pathlib import Path
 import click
 
 from . import logs
-from .clients import (describe_servers, make_admin, make_consumer, make_producer, make_redis, make_registry,
-                      wait_for)
+from .clients import describe_servers, make_admin, make_consumer, make_producer, make_redis, make_registry, wait_for
 from .dlq import Filters, ReplayFailed, parse_since, read_dead_letters, replay, summarize
 from .engine import StopFlag, now_ms
 from .errors import ConfigError, OrdersError, ServiceUnavailable, StopRequested
@@ -314,7 +313,8 @@ def stats(settings: Settings, as_json: bool) -> None:
         return
     click.echo(f"global   count={data['count']} sum={data['sum']:.2f} average={_fmt(data['average'])}")
     for part in data["partitions"]:
-        click.echo(f"p{part['partition']:<7} count={part['count']} sum={part['sum']:.2f} average={_fmt(part['average'])}")
+        click.echo(f"p{part['partition']:<7} count={part['count']} sum={part['sum']:.2f} "
+                   f"average={_fmt(part['average'])}")
 
 
 @cli.command()

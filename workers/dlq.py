@@ -7,8 +7,8 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -36,7 +36,7 @@ class DeadLetter:
     headers: dict[str, str]
 
     @classmethod
-    def from_message(cls, msg: Message, serde: OrderSerde) -> "DeadLetter":
+    def from_message(cls, msg: Message, serde: OrderSerde) -> DeadLetter:
         topic, partition, offset, value = msg.topic(), msg.partition(), msg.offset(), msg.value()
         if topic is None or partition is None or offset is None:
             raise ValueError("a dead letter is a consumed message (with topic, partition and offset)")
@@ -104,7 +104,8 @@ class DeadLetter:
             size = len(self.raw) if self.raw is not None else 0
             what = f"key={d['key'] or '-'} raw_bytes={size}"
         line = (f"{d['dead_lettered_at']}  {what}  error={d['error_type']}: {d['error_message']}  "
-                f"attempts={d['attempts']}  from={d['original_topic']}[{d['original_partition']}]@{d['original_offset']}")
+                f"attempts={d['attempts']}  "
+                f"from={d['original_topic']}[{d['original_partition']}]@{d['original_offset']}")
         if d["replayed_at"]:
             line += f"  REPLAYED {d['replayed_at']}"
         if ref is not None:
@@ -130,7 +131,7 @@ def _json_safe(order: dict | None) -> dict | None:
 def _iso(ms: int | None) -> str | None:
     if ms is None:
         return None
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
@@ -139,13 +140,13 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_since(text: str, now: dt.datetime | None = None) -> int:
     """``30m``, ``2h``, ``1d`` ago, or an ISO 8601 time -> epoch ms; raises ValueError."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     match = _RELATIVE.match(text.strip())
     if match:
         return int((now.timestamp() - int(match.group(1)) * _UNIT_S[match.group(2)]) * 1000)
     when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp() * 1000)
 
 

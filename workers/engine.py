@@ -36,25 +36,39 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
-
-from confluent_kafka import TopicCollection
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaException,
+    Message,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
+from . import oversize
 from .clients import make_consumer, wait_for
+from .envelope import REPLAY_OF, Provenance, dead_letter_headers, header_dict, retry_headers
+from .errors import (
+    FatalWorkerError,
+    OrderError,
+    OrdersError,
+    PermanentError,
+    RecordedError,
+    ServiceUnavailable,
+    TransientError,
+)
 from .latency import LatencyHistogram
-from .envelope import REPLAY_OF, Provenance, dead_letter_headers, retry_headers
-from .errors import (FatalWorkerError, OrderError, OrdersError, PermanentError, RecordedError, ServiceUnavailable,
-                     TransientError)
 from .ledger import Published, published_decisions
+from .logs import printable
 from .processing import Downstream, backoff_ms, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
-from .store import (DEAD, RESET, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source,
-                    SourceBatch)
+from .store import DEAD, RESET, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch, Totals
 from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
@@ -108,7 +122,8 @@ class Decider:
         self._serde = serde
         self._downstream = downstream
 
-    def attempt(self, msg: Message, attempt: int, provenance: Provenance | None) -> tuple[int | None, OutMessage | None, dict | None]:
+    def attempt(self, msg: Message, attempt: int,
+                provenance: Provenance | None) -> tuple[int | None, OutMessage | None, dict | None]:
         """Returns (cents, None, order) when counted, or (None, message to publish, order or None)."""
         order = None
         try:
@@ -126,7 +141,8 @@ class Decider:
     def _origin(self, msg: Message, provenance: Provenance | None) -> Provenance:
         if provenance is not None:
             return provenance
-        return Provenance(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], now_ms(),
+        source = source_of(msg)
+        return Provenance(source.topic, source.partition, offset_of(msg), msg.timestamp()[1], now_ms(),
                           replay_of=replay_of(msg))
 
     def _retry(self, msg: Message, exc: OrderError, next_attempt: int, provenance: Provenance | None) -> OutMessage:
@@ -134,24 +150,23 @@ class Decider:
         origin = self._origin(msg, provenance)
         headers = retry_headers(origin, parked_from=coordinates(msg), attempt=next_attempt,
                                 due_at_ms=now_ms() + delay, error_type=exc.error_type, error_message=str(exc))
-        from . import oversize
         if not oversize.fits(self._settings, msg.key(), msg.value(), headers, topic=self._settings.retry_topic):
             return self.dead_letter(msg, exc, next_attempt - 1, provenance)  # it could never be retried
         log.info("retry scheduled topic=%s partition=%d offset=%d key=%s attempt=%d delay_ms=%d error=%s",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), next_attempt, delay, exc.error_type)
-        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.retry_topic, msg.key(), msg.value(),
+        return OutMessage(source_of(msg), self._settings.retry_topic, msg.key(), msg.value(),
                           headers, RETRIED, decision_record(RETRIED, next_attempt, exc))
 
-    def dead_letter(self, msg: Message, exc: OrderError, attempts: int, provenance: Provenance | None = None) -> OutMessage:
+    def dead_letter(self, msg: Message, exc: OrderError, attempts: int,
+                    provenance: Provenance | None = None) -> OutMessage:
         origin = self._origin(msg, provenance)
         headers = dead_letter_headers(origin, parked_from=coordinates(msg), attempts=attempts,
                                       error_type=exc.error_type, error_message=str(exc), dead_lettered_at_ms=now_ms())
-        from . import oversize
         key, value, headers = oversize.fit(self._settings, msg.key(), msg.value(), headers, where=coordinates(msg),
                                            topic=self._settings.dlq_topic)
         log.info("dead letter topic=%s partition=%d offset=%d key=%s attempts=%d error_type=%s error=%r",
                  msg.topic(), msg.partition(), msg.offset(), message_key(msg), attempts, exc.error_type, str(exc))
-        return OutMessage(Source(msg.topic(), msg.partition()), self._settings.dlq_topic, key, value,
+        return OutMessage(source_of(msg), self._settings.dlq_topic, key, value,
                           headers, DEAD, decision_record(DEAD, attempts, exc))
 
     def repeat(self, msg: Message, record: str, provenance: Provenance | None) -> OutMessage:
@@ -172,17 +187,26 @@ def coordinates(msg: Message) -> str:
     return f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
 
 
+def source_of(msg: Message) -> Source:
+    """The partition a consumed message came from (always set on a consumed message)."""
+    topic, partition = msg.topic(), msg.partition()
+    assert topic is not None and partition is not None
+    return Source(topic, partition)
+
+
+def offset_of(msg: Message) -> int:
+    offset = msg.offset()
+    assert offset is not None
+    return offset
+
+
 def replay_of(msg: Message) -> str | None:
     """The dead letter a message on ``orders`` replays (its REPLAY_OF header), if any."""
-    for name, value in msg.headers() or ():
-        if name == REPLAY_OF and value:
-            return value.decode("utf-8", "replace")
-    return None
+    return header_dict(msg.headers()).get(REPLAY_OF) or None
 
 
 def message_key(msg: Message) -> str:
     """The key for a log line: decoded, with control characters escaped (it is untrusted)."""
-    from .logs import printable
     key = msg.key()
     return printable(key.decode("utf-8", "replace")) if key is not None else "-"
 
@@ -193,7 +217,7 @@ class StopFlag:
     def __init__(self):
         self.stopping = False
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         return self
@@ -239,7 +263,7 @@ class BatchWorker:
         self._counted_since_log = 0
         self._batches_since_log = 0
         self._last_log = time.monotonic()
-        self._total = None
+        self._total: Totals | None = None
         self.latency = LatencyHistogram()
         self.watchdog = Watchdog()
         self.txn = KafkaTransaction(producer, stop=stop, watchdog=self.watchdog)
@@ -402,8 +426,8 @@ class BatchWorker:
         return committed
 
     def _assign(self) -> None:
-        tps = [TopicPartition(s.topic, s.partition, self.position[s] if self.position[s] is not None else OFFSET_BEGINNING)
-               for s in self.sources]
+        tps = [TopicPartition(s.topic, s.partition, position if position is not None else OFFSET_BEGINNING)
+               for s, position in ((s, self.position[s]) for s in self.sources)]
         self.consumer.assign(tps)
         self.on_reassign()
 
@@ -426,7 +450,7 @@ class BatchWorker:
         is; a ``malformed`` message is dead-lettered with that error. Returns True
         when the order was newly counted.
         """
-        source, offset = batch.source, msg.offset()
+        source, offset = batch.source, offset_of(msg)
         batch.to_offset = offset + 1
         how, detail = self.prior(source, offset)
         if how == APPLIED:
@@ -437,13 +461,16 @@ class BatchWorker:
             return False
         if how == RECORDED:
             assert isinstance(detail, str)
-            out = self.decider.repeat(msg, detail, provenance)
-            batch.park(offset, out.kind, out.record)
-            plan.out.append(out)
+            repeated = self.decider.repeat(msg, detail, provenance)
+            batch.park(offset, repeated.kind, repeated.record)
+            plan.out.append(repeated)
             return False
         if how == COMMITTED:
             self._count_again(batch, msg, target, malformed)
             return False
+        cents: int | None
+        order: dict | None
+        out: OutMessage | None
         if malformed is not None:
             cents, out, order = None, self.decider.dead_letter(msg, malformed, 0), None
         else:
@@ -468,11 +495,11 @@ class BatchWorker:
         except OrderError as exc:
             # Kafka says it was counted (nothing parked it), yet it no longer decodes.
             log.error("cannot count again offset below K worker=%s source=%s offset=%d reason=%s",
-                      self.name, batch.source, msg.offset(), exc)
-            batch.park(msg.offset(), DEAD)
+                      self.name, batch.source, offset_of(msg), exc)
+            batch.park(offset_of(msg), DEAD)
             return
         # Retry messages carry the REPLAY_OF header of their provenance too.
-        batch.count(msg.offset(), target, price_cents(order), order["orderId"] if replay_of(msg) else "")
+        batch.count(offset_of(msg), target, price_cents(order), order["orderId"] if replay_of(msg) else "")
 
     @staticmethod
     def is_replay(msg: Message, provenance: Provenance | None) -> bool:
@@ -497,7 +524,7 @@ class BatchWorker:
         if lost or behind:
             self._rebuild(lost, behind)
             return
-        for batch, result in zip(batches, results):
+        for batch, result in zip(batches, results, strict=True):
             self.known[batch.source] = result.offset
             self.position[batch.source] = batch.to_offset
         if plan.out:
@@ -557,7 +584,6 @@ class BatchWorker:
         self._rewind()
 
     def _produce(self, m: OutMessage) -> None:
-        from . import oversize
         while True:
             try:
                 self.producer.produce(m.topic, value=m.value, key=m.key, headers=m.headers,
@@ -571,7 +597,7 @@ class BatchWorker:
         """Abort the open transaction, if any: its messages never become visible."""
         self.txn.abort()
 
-    def _rewind(self, lost: set[Source] = frozenset(), behind: dict[Source, int] | None = None) -> None:
+    def _rewind(self, lost: Set[Source] = frozenset(), behind: dict[Source, int] | None = None) -> None:
         """Abort, then re-read every source from min(R, K).
 
         Sources whose Redis state vanished (R unknown) restart from the log start;

@@ -5,8 +5,8 @@ order's history is in headers (UTF-8 strings), so any Kafka tool can read it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable
 
 ATTEMPT = "orders.attempt"            # retry topic: the attempt this message is due for
 ATTEMPTS = "orders.attempts"          # DLQ: attempts made before giving up
@@ -31,15 +31,21 @@ class MalformedEnvelope(ValueError):
     """A retry message lacks a header it needs or has a bad value in it."""
 
 
-def header_dict(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, str]:
+Headers = Iterable[tuple[str, str | bytes | None]] | Mapping[str, str | bytes | None] | None
+
+
+def header_dict(headers: Headers) -> dict[str, str]:
     """Kafka headers as a dict of strings (last value wins)."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
     out = {}
-    for name, value in headers or ():
-        out[name] = value.decode("utf-8", "replace") if value is not None else ""
+    for name, value in pairs:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        out[name] = value if value is not None else ""
     return out
 
 
-def encode(headers: dict[str, object]) -> list[tuple[str, bytes]]:
+def encode(headers: Mapping[str, object]) -> list[tuple[str, bytes]]:
     return [(name, str(value).encode()) for name, value in headers.items() if value is not None]
 
 
@@ -65,7 +71,7 @@ class Provenance:
         }
 
     @classmethod
-    def from_headers(cls, h: dict[str, str]) -> "Provenance":
+    def from_headers(cls, h: dict[str, str]) -> Provenance:
         """Raises MalformedEnvelope naming the missing or bad header."""
         return cls(
             topic=_required(h, ORIGINAL_TOPIC, str),

@@ -5,7 +5,7 @@ Each worker publishes its histogram in its heartbeat (no extra round trip), so
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 
 def bucket(ms: int) -> int:

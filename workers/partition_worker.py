@@ -8,7 +8,7 @@ order never holds up the orders behind it.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from confluent_kafka import Message
 

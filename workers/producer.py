@@ -9,8 +9,9 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TextIO
+from typing import TextIO
 
 from confluent_kafka import KafkaError, Producer
 

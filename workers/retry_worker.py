@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 from confluent_kafka import Message, TopicPartition
 
 from .clients import wait_for
-from .engine import NEW, BatchPlan, BatchWorker, message_key, now_ms
+from .engine import NEW, BatchPlan, BatchWorker, message_key, now_ms, offset_of, source_of
 from .envelope import MalformedEnvelope, Provenance, header_dict, retry_attempt
 from .errors import PermanentError
 from .processing import backoff_ms
@@ -66,7 +66,7 @@ class RetryWorker(BatchWorker):
 
     def plan(self, messages: Sequence[Message]) -> BatchPlan:
         for msg in messages:
-            self.waiting[Source(msg.topic(), msg.partition())].append((msg, self._due_ms(msg)))
+            self.waiting[source_of(msg)].append((msg, self._due_ms(msg)))
         plan = BatchPlan()
         due_now = [m for q in self.waiting.values() for m, due in q if due <= now_ms()]
         if due_now:
@@ -86,8 +86,7 @@ class RetryWorker(BatchWorker):
         super()._housekeeping()
 
     def _due_ms(self, msg: Message) -> int:
-        source = Source(msg.topic(), msg.partition())
-        if self.prior(source, msg.offset())[0] != NEW:
+        if self.prior(source_of(msg), offset_of(msg))[0] != NEW:
             return 0  # decided before: nothing to wait for
         try:
             return self._checked_due(retry_attempt(header_dict(msg.headers()))[1])

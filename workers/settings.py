@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import unquote
 
 from .errors import ConfigError
@@ -106,7 +106,7 @@ class Settings:
     kafka_extra: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Build settings from ``environ`` (default ``os.environ``); raises ConfigError."""
         env = os.environ if environ is None else environ
         values: dict = {}

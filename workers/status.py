@@ -66,7 +66,7 @@ class StatusReader:
             })
         retry_beat = beats["retry"]
         retry_backlog = sum(max(0, (end or 0) - (snap["sources"][src].get("offset") or 0))
-                            for src, end in zip(retry_sources, retry_ends))
+                            for src, end in zip(retry_sources, retry_ends, strict=True))
         total = snap["total"]
         data = {
             "at_ms": now_ms,

@@ -12,8 +12,8 @@ Sums are integer cents, so the average never drifts.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import redis
 
@@ -176,7 +176,7 @@ class ApplyResult:
     status: int  # APPLIED, STATE_LOST or STATE_BEHIND
     counted: int
     offset: int
-    total: "Totals"
+    total: Totals
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ class AggregateStore:
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
         return [ApplyResult(batch.source, int(status), int(counted), int(offset), Totals(int(count), int(cents)))
-                for batch, (status, counted, offset, count, cents) in zip(batches, replies)]
+                for batch, (status, counted, offset, count, cents) in zip(batches, replies, strict=True)]
 
     def touch(self, sources: Sequence[Source], *, worker: str, heartbeat: dict) -> dict[Source, int | None]:
         """Refresh the worker's heartbeat; return each source's stored offset (None: no state)."""
@@ -280,7 +280,8 @@ class AggregateStore:
             replies = pipe.execute()
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
-        return {source: (int(stored) if stored is not None else None) for source, stored in zip(sources, replies)}
+        return {source: (int(stored) if stored is not None else None)
+                for source, stored in zip(sources, replies, strict=True)}
 
     def ensure_identity(self, identity: dict[str, str], *, partitions: dict[str, int],
                         force: bool = False) -> tuple[int, dict[str, str]]:
@@ -304,7 +305,7 @@ class AggregateStore:
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
         pairs = [v.decode() for v in stored]
-        return int(status), dict(zip(pairs[::2], pairs[1::2]))
+        return int(status), dict(zip(pairs[::2], pairs[1::2], strict=True))
 
     def decision_records(self, sources: Sequence[Source]) -> dict[Source, dict[int, str]]:
         """Each source's kept decision records (offset -> record), one round trip."""
@@ -317,7 +318,7 @@ class AggregateStore:
             raise ServiceUnavailable(f"redis: {exc}") from exc
         # Members are "<offset>:<record>": unique per offset even where two records read the same.
         return {s: {int(score): member.decode().partition(":")[2] for member, score in r}
-                for s, r in zip(sources, replies)}
+                for s, r in zip(sources, replies, strict=True)}
 
     # -- reads -------------------------------------------------------------------
     def positions(self, sources: Sequence[Source]) -> dict[Source, int | None]:
@@ -329,7 +330,7 @@ class AggregateStore:
             replies = pipe.execute()
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
-        return {s: (int(r) if r is not None else None) for s, r in zip(sources, replies)}
+        return {s: (int(r) if r is not None else None) for s, r in zip(sources, replies, strict=True)}
 
     def snapshot(self, partitions: int, sources: Sequence[Source] = (),
                  workers: Sequence[str] = ()) -> dict:
@@ -349,8 +350,9 @@ class AggregateStore:
         total = _totals(replies[0])
         parts = [_totals(r) for r in replies[1:1 + partitions]]
         rest = replies[1 + partitions:]
-        src = {s: {k.decode(): int(v) for k, v in r.items()} for s, r in zip(sources, rest[:len(sources)])}
-        beats = {w: (json.loads(r) if r else None) for w, r in zip(workers, rest[len(sources):])}
+        src = {s: {k.decode(): int(v) for k, v in r.items()}
+               for s, r in zip(sources, rest[:len(sources)], strict=True)}
+        beats = {w: (json.loads(r) if r else None) for w, r in zip(workers, rest[len(sources):], strict=True)}
         return {"total": total, "partitions": parts, "sources": src, "workers": beats}
 
     def record_replays(self, replays: dict[str, dict]) -> None:

@@ -158,7 +158,8 @@ def build_cases(serde: OrderSerde, schema_id: int, alien_id: int, alien_schema: 
     def good(key_from_id: bool = True, price: float | None = None) -> Case:
         nonlocal n
         n += 1
-        order = {"orderId": f"good-{n}", "product": "desk", "price": price if price is not None else round(1 + n * 1.37, 2)}
+        order: dict = {"orderId": f"good-{n}", "product": "desk",
+                 "price": price if price is not None else round(1 + n * 1.37, 2)}
         return Case(f"good-{n}", order["orderId"].encode() if key_from_id else None, serde.encode(order), order)
 
     def invalid(name: str, order: dict, message: str) -> Case:
@@ -294,7 +295,7 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
 
     workers.start()
     produce(settings, cases)
-    expected_cents = sum(price_cents(c.order) for c in good)
+    expected_cents = sum(price_cents(c.order or {}) for c in good)
     stats, _ = wait_until_quiet(hostile_env, len(good), len(bad), timeout=45)
     dlq_lines = [line for line in run_orders(hostile_env, "dlq", "--json").stdout.splitlines() if line.strip()]
     dlq = [json.loads(line) for line in dlq_lines]  # Python's lenient parser; strictness is checked below
@@ -339,9 +340,9 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
 
     # What `orders dlq --json` tells an operator about each one (checked last, all
     # together, so one wrong detail does not hide the others).
-    wrong = []
+    wrong: list[tuple] = []
     names = {(c.partition, c.offset): c.name for c in bad}
-    for line, d in zip(dlq_lines, dlq):
+    for line, d in zip(dlq_lines, dlq, strict=True):
         try:
             json.loads(line, parse_constant=reject_constant)
         except ValueError as exc:
@@ -353,11 +354,12 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
                 "key": case.key.decode("utf-8", "replace") if case.key is not None else None}
         if got != want:
             wrong.append((case.name, got, want))
-        if not re.fullmatch(case.message, d["error_message"] or "", re.S):
-            wrong.append((case.name, d["error_message"][:300], "expected: " + case.message.replace("\\", "")))
+        pattern = case.message or ""
+        if not re.fullmatch(pattern, d["error_message"] or "", re.S):
+            wrong.append((case.name, d["error_message"][:300], "expected: " + pattern.replace("\\", "")))
         if case.error_type == "InvalidOrder":
             # It decoded: shown as the order, not as raw bytes.
-            if d["raw"] is not None or d["order"] is None or not same_order(d["order"], case.order):
+            if d["raw"] is not None or d["order"] is None or not same_order(d["order"], case.order or {}):
                 wrong.append((case.name, d["order"], d["raw"] and d["raw"][:80], case.order))
         else:
             expected_raw = base64.b64encode(case.value).decode() if case.value is not None else None

@@ -15,8 +15,17 @@ from workers.serde import OrderSerde, load_schema
 from workers.settings import Settings
 
 from ..conftest import isolated_env
-from ..pool import (ORDERS, SupervisedPool, Truth, dead_letters, read_topic, run_orders, stats,
-                    wait_until, wait_until_quiet)
+from ..pool import (
+    ORDERS,
+    SupervisedPool,
+    Truth,
+    dead_letters,
+    read_topic,
+    run_orders,
+    stats,
+    wait_until,
+    wait_until_quiet,
+)
 from .conftest import cleanup
 
 pytestmark = pytest.mark.timeout(300)

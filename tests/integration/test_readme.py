@@ -31,7 +31,9 @@ def readme_block(heading: str) -> list[str]:
     """The commands of the first ```sh block under ``heading`` (comments stripped)."""
     text = (REPO / "README.md").read_text()
     section = text.split(f"\n## {heading}\n", 1)[1]
-    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, f"no sh block under {heading}"
+    block = match.group(1)
     commands = []
     for line in block.splitlines():
         command = re.sub(r"\s+#.*$", "", line).strip()

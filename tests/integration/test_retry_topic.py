@@ -1,6 +1,7 @@
 """What anyone who can write to the retry topic can do to it: the retry worker never stalls."""
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -30,11 +31,11 @@ def env():
     cleanup(Settings.from_env(env))
 
 
-def retry_message(settings: Settings, offset: int, due_at_ms: int) -> list[tuple[str, bytes]]:
+def retry_message(settings: Settings, offset: int, due_at_ms: int) -> list[tuple[str, str | bytes | None]]:
     """Headers of a well-formed retry (attempt 2) of orders partition 0 at ``offset``."""
     origin = env_headers.Provenance(settings.orders_topic, 0, offset, int(time.time() * 1000), 0)
-    return env_headers.retry_headers(origin, parked_from=f"{settings.orders_topic}:0:{offset}", attempt=2,
-                                     due_at_ms=due_at_ms, error_type="DownstreamUnavailable", error_message="x")
+    return [*env_headers.retry_headers(origin, parked_from=f"{settings.orders_topic}:0:{offset}", attempt=2,
+                                     due_at_ms=due_at_ms, error_type="DownstreamUnavailable", error_message="x")]
 
 
 def test_a_due_time_years_ahead_is_dead_lettered_not_waited_for(env, tmp_path):
@@ -43,7 +44,7 @@ def test_a_due_time_years_ahead_is_dead_lettered_not_waited_for(env, tmp_path):
     run_orders(env, "init")
     serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
     serde.register(settings.orders_topic)
-    poison, good = [o for o, _ in zip(random_orders(seed=3), range(2))]
+    poison, good = itertools.islice(random_orders(seed=3), 2)
     now = int(time.time() * 1000)
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
     producer.produce(settings.retry_topic, key=b"poison", value=serde.encode(poison), partition=0,

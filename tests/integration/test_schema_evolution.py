@@ -83,7 +83,7 @@ def test_v1_workers_count_orders_written_with_a_compatible_v2_schema(evolution_e
     v2 = load_schema(V2)
     v2_serde = OrderSerde(make_registry(settings), v2)
     v2_id = v2_serde.register(settings.orders_topic)
-    coupons = [{"orderId": f"coupon-{i}", "product": "dock", "price": 10 + i / 4, "coupon": f"SAVE{i}"}
+    coupons: list[dict] = [{"orderId": f"coupon-{i}", "product": "dock", "price": 10 + i / 4, "coupon": f"SAVE{i}"}
                for i in range(9)]
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True})
     for order in coupons:

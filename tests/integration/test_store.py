@@ -7,8 +7,19 @@ import pytest
 import redis
 
 from workers.errors import ServiceUnavailable
-from workers.store import (ADOPTED, APPLIED, DEAD, RESET, RETRIED, SAME, STATE_BEHIND, STATE_LOST, AggregateStore,
-                           Source, SourceBatch)
+from workers.store import (
+    ADOPTED,
+    APPLIED,
+    DEAD,
+    RESET,
+    RETRIED,
+    SAME,
+    STATE_BEHIND,
+    STATE_LOST,
+    AggregateStore,
+    Source,
+    SourceBatch,
+)
 
 SRC = Source("orders", 0)
 

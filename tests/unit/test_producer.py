@@ -25,4 +25,4 @@ def test_ids_are_unique_across_runs_even_with_the_same_seed():
 
 def test_unlimited_rate_never_waits():
     limiter = RateLimiter(0, stop=lambda: False)
-    limiter.wait(producer=None)  # would fail calling poll() on None if it waited
+    limiter.wait(producer=None)  # type: ignore[arg-type]  # would fail calling poll() on None if it waited

@@ -71,7 +71,7 @@ def test_demo_failure_rate_is_a_default_only():
 def test_settings_are_frozen():
     s = Settings.from_env({})
     with pytest.raises(FrozenInstanceError):
-        s.partitions = 5
+        s.partitions = 5  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("url,secret", [
