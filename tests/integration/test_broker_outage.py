@@ -275,7 +275,11 @@ def driver_env():
     cleanup(Settings.from_env(env))
 
 
-@pytest.mark.parametrize("mode", ["commit", "offsets"])
+# "offsets" (txn_driver.py) is left out of CI: against a real broker send_offsets_to_transaction
+# hangs rather than fails, the watchdog ends it as in the outage test above, and it never
+# reproduced a wedge; each run costs a 65 s outage. Run it by hand with -k offsets after
+# adding it here.
+@pytest.mark.parametrize("mode", ["commit"])
 def test_transaction_in_flight_when_the_broker_stops(driver_env, mode, tmp_path: Path):
     """``commit``: commit_transaction of an open transaction times out. ``offsets``: an
     offsets-only commit (begin + send_offsets_to_transaction) with the broker gone.

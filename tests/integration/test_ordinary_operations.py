@@ -102,7 +102,7 @@ def test_consumer_groups_deleted_then_restart(env, pools):
     """K is gone (deleted, or expired after a quiet week): no retry or dead letter is published twice."""
     settings = Settings.from_env(env)
     pools.start(env)
-    produce(env, 3000, seed=3)
+    produce(env, 1500, seed=3)
     check_invariants(env, settings)
     pools.stop()
     admin = make_admin(settings)
@@ -122,14 +122,14 @@ def test_rebuild_under_other_settings_keeps_every_decision(env, pools, first_rat
     published stand, and no order is both counted and dead-lettered."""
     settings = Settings.from_env(env)
     pools.start({**env, "ORDERS_FAILURE_RATE": first_rate})
-    produce(env, 3000, seed=5)
+    produce(env, 1500, seed=5)
     first = check_exact(env, settings)
     pools.stop()
     assert store_of(settings).clear() > 0
     pools.start({**env, "ORDERS_FAILURE_RATE": second_rate})
     produce(env, 500, seed=6)
     truth = check_exact(env, settings)
-    assert truth.total == 3500
+    assert truth.total == 2000
     assert set(first.dead_origins) <= set(truth.dead_origins)
     retried = read_topic(settings.bootstrap_servers, settings.retry_topic)
     if first_rate != "0":
@@ -202,7 +202,7 @@ def test_offsets_expired_by_the_broker(env, pools, short_offsets_retention):
     """The broker expires K of a stopped pool (offsets.retention.minutes): nothing is published twice."""
     settings = Settings.from_env(env)
     pools.start(env)
-    produce(env, 2000, seed=8)
+    produce(env, 1000, seed=8)
     check_invariants(env, settings)
     pools.stop()
     groups = [settings.group_id(f"partition-{p}") for p in range(settings.partitions)] + [settings.group_id("retry")]
