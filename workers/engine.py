@@ -202,7 +202,8 @@ def offset_of(msg: Message) -> int:
 
 def replay_of(msg: Message) -> str | None:
     """The dead letter a message on ``orders`` replays (its REPLAY_OF header), if any."""
-    return header_dict(msg.headers()).get(REPLAY_OF) or None
+    headers = msg.headers()
+    return (header_dict(headers).get(REPLAY_OF) or None) if headers else None  # most have none
 
 
 def message_key(msg: Message) -> str:
@@ -255,6 +256,7 @@ class BatchWorker:
         self.known: dict[Source, int | None] = {}      # R as last seen in Redis
         self.records: dict[Source, dict[int, str]] = {}  # parked decisions between K and R, from Redis
         self.published: Published = {}  # parked offsets below K, from Kafka (only while a replay needs them)
+        self._published_end: dict[Source, int] = {}  # one past the highest offset in published
         self.topic_ids: dict[str, str] = {}
         self._partitions: dict[str, int] = {}  # of the orders and retry topics: which keys the state has
         self._offsets_refresh_at = time.monotonic() + settings.offsets_refresh_s
@@ -364,8 +366,14 @@ class BatchWorker:
         self.published = published_decisions(
             lambda: make_consumer(self.settings, self.settings.group_id(f"{self.name}-ledger")),
             self.settings, need) if need else {}
+        self._published_end = {s: max(p, default=-1) + 1 for s, p in self.published.items()}
         for source in self.sources:
             self.position[source] = self._resume_at(source)
+
+    def fresh_from(self, source: Source) -> int:
+        """The offset from which nothing was decided before: ``prior`` would answer NEW."""
+        return max(self.committed.get(source) or 0, self.known.get(source) or 0,
+                   self._published_end.get(source, 0))
 
     def _needs_ledger(self, source: Source) -> bool:
         r, k = self.known.get(source), self.committed.get(source)
@@ -443,16 +451,19 @@ class BatchWorker:
 
     # -- the protocol ----------------------------------------------------------------
     def settle(self, batch: SourceBatch, plan: BatchPlan, msg: Message, target: int, attempt: int,
-               provenance: Provenance | None, malformed: PermanentError | None = None) -> bool:
+               provenance: Provenance | None, malformed: PermanentError | None = None,
+               fresh: int | None = None) -> bool:
         """Give one message its outcome: the one already decided (see ``prior``), or a new decision.
 
         ``target`` is the partition its order counts into, ``attempt`` the attempt it
-        is; a ``malformed`` message is dead-lettered with that error. Returns True
-        when the order was newly counted.
+        is; a ``malformed`` message is dead-lettered with that error. From ``fresh``
+        on (see ``fresh_from``) nothing needs looking up: the common case, per order;
+        without it every offset is looked up.
+        Returns True when the order was newly counted.
         """
         source, offset = batch.source, offset_of(msg)
         batch.to_offset = offset + 1
-        how, detail = self.prior(source, offset)
+        how, detail = (NEW, None) if fresh is not None and offset >= fresh else self.prior(source, offset)
         if how == APPLIED:
             return False  # Redis counted it; the batch script skips offsets below R
         if how == PUBLISHED:

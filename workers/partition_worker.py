@@ -35,6 +35,7 @@ class PartitionWorker(BatchWorker):
         # (and is retried) instead of dead-lettering good orders.
         wait_for(lambda: self.serde.prefetch(m.value() for m in messages), "schema registry", should_stop=self.stop)
         batch = plan.batch_for(self.source, self.known[self.source])
+        fresh = self.fresh_from(self.source)
         for msg in messages:
-            self.settle(batch, plan, msg, self.partition, FIRST_ATTEMPT, provenance=None)
+            self.settle(batch, plan, msg, self.partition, FIRST_ATTEMPT, provenance=None, fresh=fresh)
         return plan
