@@ -62,7 +62,7 @@ def naive_consumer(env: dict, stop, assignments) -> None:
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([settings.orders_topic],
                        on_assign=lambda c, parts: assignments.put((os.getpid(), len(parts))))
-    deserializer = AvroDeserializer(SchemaRegistryClient({"url": settings.schema_registry_url}))
+    deserializer = AvroDeserializer(SchemaRegistryClient({"url": settings.schema_registry_url, "timeout": 10}))
     producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
     r = redis.Redis.from_url(settings.redis_url)
     downstream = Downstream(settings.failure_rate)

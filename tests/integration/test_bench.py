@@ -68,7 +68,7 @@ def assert_cleaned_up(created: dict, started: float) -> None:
     assert not set(created["topics"]) & set(topics)
     groups = AdminClient({"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"]}).list_consumer_groups().result(10)
     assert not [g.group_id for g in groups.valid if g.group_id.startswith(tuple(created["group_prefixes"]))]
-    subjects = SchemaRegistryClient({"url": env["SCHEMA_REGISTRY_URL"]}).get_subjects()
+    subjects = SchemaRegistryClient({"url": env["SCHEMA_REGISTRY_URL"], "timeout": 10}).get_subjects()
     assert not {f"{t}-value" for t in created["topics"]} & set(subjects)
     r = redis.Redis.from_url(env["REDIS_URL"])
     for prefix in created["redis_prefixes"]:
