@@ -29,6 +29,7 @@ from workers.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 ORDERS = str(REPO / ".venv" / "bin" / "orders")
+STACK = str(REPO / "scripts" / "stack")
 T = TypeVar("T")
 
 
@@ -143,15 +144,39 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30) -> list:
         consumer.close()
 
 
-class Truth:
+def stack(*args: str, env: dict | None = None) -> None:
+    """Run ``scripts/stack`` (stop, start, restart a service); ``env`` replaces the environment."""
+    subprocess.run([STACK, *args], env=env, check=True, stdout=subprocess.DEVNULL, timeout=240)
+
+
+class PartitionTotals:
+    """Counted orders and cents per partition of ``orders``, and their sums."""
+
+    def __init__(self) -> None:
+        self.count_by_partition: dict[int, int] = {}
+        self.cents_by_partition: dict[int, int] = {}
+
+    def add(self, partition: int, cents: int) -> None:
+        self.count_by_partition[partition] = self.count_by_partition.get(partition, 0) + 1
+        self.cents_by_partition[partition] = self.cents_by_partition.get(partition, 0) + cents
+
+    @property
+    def count(self) -> int:
+        return sum(self.count_by_partition.values())
+
+    @property
+    def cents(self) -> int:
+        return sum(self.cents_by_partition.values())
+
+
+class Truth(PartitionTotals):
     """What the aggregate must be, computed from the orders topic itself."""
 
     def __init__(self, orders: list, serde: OrderSerde, settings):
         self.decoded: dict[str, dict] = {}
         self.undecodable = 0
+        super().__init__()
         self.expected_dead: set[str] = set()
-        self.cents_by_partition: dict[int, int] = {}
-        self.count_by_partition: dict[int, int] = {}
         self.total = len(orders)
         for msg in orders:
             try:
@@ -165,17 +190,7 @@ class Truth:
             if all(attempt_fails(order["orderId"], a, settings.failure_rate) for a in attempts):
                 self.expected_dead.add(order["orderId"])
                 continue
-            p = msg.partition()
-            self.count_by_partition[p] = self.count_by_partition.get(p, 0) + 1
-            self.cents_by_partition[p] = self.cents_by_partition.get(p, 0) + price_cents(order)
-
-    @property
-    def count(self) -> int:
-        return sum(self.count_by_partition.values())
-
-    @property
-    def cents(self) -> int:
-        return sum(self.cents_by_partition.values())
+            self.add(msg.partition(), price_cents(order))
 
 
 def wait_until(check: Callable[[], T | None], what: str, timeout: float = 60, interval: float = 0.5) -> T:
@@ -262,7 +277,7 @@ def check_retries_waited(settings: Settings) -> None:
             assert dead[key] >= chain[-1][1], f"{key}: dead-lettered before its last retry was due"
 
 
-class LogTruth:
+class LogTruth(PartitionTotals):
     """What the aggregate must be, read from the log alone, whatever settings decided it.
 
     Every order on the orders topic is counted once unless the DLQ holds it; the
@@ -277,25 +292,14 @@ class LogTruth:
         self.dead_origins = [(h[env_headers.ORIGINAL_TOPIC], int(h[env_headers.ORIGINAL_PARTITION]),
                               int(h[env_headers.ORIGINAL_OFFSET])) for h in dead]
         dead_set = set(self.dead_origins)
-        self.count_by_partition: dict[int, int] = {}
-        self.cents_by_partition: dict[int, int] = {}
+        super().__init__()
         self.total = 0
         for msg in read_topic(settings.bootstrap_servers, settings.orders_topic):
             self.total += 1
             if (msg.topic(), msg.partition(), msg.offset()) in dead_set:
                 continue
             order = serde.decode(msg.value())
-            p = msg.partition()
-            self.count_by_partition[p] = self.count_by_partition.get(p, 0) + 1
-            self.cents_by_partition[p] = self.cents_by_partition.get(p, 0) + price_cents(order)
-
-    @property
-    def count(self) -> int:
-        return sum(self.count_by_partition.values())
-
-    @property
-    def cents(self) -> int:
-        return sum(self.cents_by_partition.values())
+            self.add(msg.partition(), price_cents(order))
 
     def matches(self, s: dict) -> bool:
         return (s["count"] == self.count and round(s["sum"] * 100) == self.cents

@@ -15,6 +15,7 @@ from workers.clients import make_admin, make_redis
 from workers.store import AggregateStore
 
 from ..conftest import stack_env
+from ..pool import SupervisedPool
 
 
 def _require_stack() -> None:
@@ -47,6 +48,15 @@ def settings(make_settings, request):
     s = make_settings(request.node.name[:20].replace("[", "-").replace("]", ""))
     yield s
     cleanup(s)
+
+
+@pytest.fixture
+def pool(env, tmp_path):
+    """The real supervisor.conf running with the requesting module's ``env`` fixture."""
+    pool = SupervisedPool(env, tmp_path)
+    pool.start()
+    yield pool
+    pool.stop()
 
 
 def cleanup(s) -> None:

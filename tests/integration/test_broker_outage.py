@@ -44,12 +44,21 @@ from workers.store import AggregateStore, Source
 from workers.transaction import EXIT_STUCK
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, REPO, SupervisedPool, Truth, check_invariants, read_topic, run_orders, wait_until_quiet
+from ..pool import (
+    ORDERS,
+    REPO,
+    SupervisedPool,
+    Truth,
+    check_invariants,
+    read_topic,
+    run_orders,
+    stack,
+    wait_until_quiet,
+)
 from .conftest import cleanup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
-STACK = str(REPO / "scripts" / "stack")
 RATE = 1000            # orders/s of the load, before, during and after the outage
 OUTAGE_S = 65          # > transaction.timeout.ms (60 s) > watchdog (45 s) > KAFKA_TIMEOUT_S (15 s)
 # From the moment the broker is ready again. A transactional call that hangs
@@ -67,18 +76,6 @@ def env(request):
                        PRODUCE_RATE="0.001")
     yield env
     cleanup(Settings.from_env(env))
-
-
-@pytest.fixture
-def pool(env, tmp_path):
-    pool = SupervisedPool(env, tmp_path)
-    pool.start()
-    yield pool
-    pool.stop()
-
-
-def stack(*args: str) -> None:
-    subprocess.run([STACK, *args], check=True, stdout=subprocess.DEVNULL, timeout=180)
 
 
 def supervised_pid(pool: SupervisedPool, program: str) -> int | None:

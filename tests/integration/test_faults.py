@@ -20,14 +20,13 @@ from workers.settings import Settings
 from workers.store import AggregateStore
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, REPO, SupervisedPool, check_invariants, read_topic
+from ..pool import ORDERS, SupervisedPool, check_invariants, read_topic, stack
 from .conftest import cleanup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 LOAD = 20_000
 RATE = 2_500
-STACK = str(REPO / "scripts" / "stack")
 WORKERS = ("consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry")
 
 
@@ -38,14 +37,6 @@ def env():
     cleanup(Settings.from_env(env))
 
 
-@pytest.fixture
-def pool(env, tmp_path):
-    pool = SupervisedPool(env, tmp_path)
-    pool.start()
-    yield pool
-    pool.stop()
-
-
 def start_load(env: dict, tmp_path: Path, count: int = LOAD, rate: int = RATE) -> subprocess.Popen:
     record = tmp_path / "delivered.jsonl"
     return subprocess.Popen([ORDERS, "produce", "--count", str(count), "--rate", str(rate), "--record", str(record)],
@@ -54,10 +45,6 @@ def start_load(env: dict, tmp_path: Path, count: int = LOAD, rate: int = RATE) -
 
 def finish_load(load: subprocess.Popen, timeout: float = 180) -> None:
     assert load.wait(timeout) == 0, "the producer reported undelivered orders"
-
-
-def stack(*args: str) -> None:
-    subprocess.run([STACK, *args], check=True, stdout=subprocess.DEVNULL, timeout=180)
 
 
 def test_workers_killed_repeatedly(env, pool, tmp_path):

@@ -8,7 +8,6 @@ aggregate against the truth read back from the log.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,11 @@ from workers.settings import Settings
 from workers.store import AggregateStore, Source
 
 from ..conftest import isolated_env
-from ..pool import REPO, SupervisedPool, check_exact, check_invariants, read_topic, run_orders, stats, wait_until
+from ..pool import SupervisedPool, check_exact, check_invariants, read_topic, run_orders, stack, stats, wait_until
 from .conftest import cleanup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-STACK = str(REPO / "scripts" / "stack")
 
 
 @pytest.fixture
@@ -183,8 +181,7 @@ def short_offsets_retention():
 def restart_kafka(extra: dict) -> None:
     stack_env = {k: v for k, v in os.environ.items() if k not in ("OFFSETS_RETENTION_MINUTES",
                                                                  "OFFSETS_RETENTION_CHECK_MS")}
-    subprocess.run([STACK, "restart", "kafka"], env={**stack_env, **extra}, check=True,
-                   stdout=subprocess.DEVNULL, timeout=240)
+    stack("restart", "kafka", env={**stack_env, **extra})
 
 
 def committed_offsets(settings: Settings, groups: list[str]) -> dict[str, int]:

@@ -31,12 +31,11 @@ from workers.settings import Settings
 from workers.store import AggregateStore
 
 from ..conftest import isolated_env
-from ..pool import REPO, SupervisedPool, check_invariants, dead_letters, run_orders, wait_until
+from ..pool import REPO, STACK, SupervisedPool, check_invariants, dead_letters, run_orders, stack, wait_until
 from .conftest import cleanup
-from .test_faults import finish_load, stack, start_load, wait_for_count
+from .test_faults import finish_load, start_load, wait_for_count
 from .test_operational import Worker, free_port, wait_count
 
-STACK = str(REPO / "scripts" / "stack")
 ORDER = {"orderId": "o-1", "product": "desk", "price": 99.95}
 # Far above any id a registry hands out in a test run.
 NEVER_REGISTERED = 2**31 - 7
