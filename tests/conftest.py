@@ -8,6 +8,13 @@ import pytest
 
 from workers.settings import Settings
 
+from .lanes import lane_env, xdist_lane
+
+# Each xdist worker tests against its own lane's stack (tests/lanes.py). This runs when
+# pytest imports the conftest, before any fixture, test or child process reads the
+# environment, so the lane's servers are the only ones this worker ever sees.
+os.environ.update(lane_env(xdist_lane()))
+
 
 def unique(name: str) -> str:
     return f"t-{name}-{uuid.uuid4().hex[:8]}"
@@ -45,3 +52,8 @@ def make_settings():
     def build(name: str = "test", **extra: str) -> Settings:
         return Settings.from_env(isolated_env(name, **extra))
     return build
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long fault scenarios first: a lane never ends the run alone with one of them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -68,7 +68,9 @@ def run(command: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_readme_commands_work_as_written(checkout):
-    env = {**os.environ, **isolated_env("readme")}
+    # The checkout keeps its stack state in its own .stack, as a new user's would: with
+    # this lane's STACK_DIR, its scripts/stop would stop the lane's servers.
+    env = {k: v for k, v in {**os.environ, **isolated_env("readme")}.items() if k != "STACK_DIR"}
     setup = readme_block("Two commands")
     assert setup == ["scripts/start", "scripts/test"]
     tour = readme_block("A tour")
