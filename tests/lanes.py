@@ -1,10 +1,12 @@
 """Test lanes: the suite runs in N pytest-xdist workers, each against a local stack of its own.
 
 Lane 0 is the stack the environment names (by default the one on the standard ports).
-Lane N > 0 is a second, private stack under ``.stack/lanes/N`` whose ports are the
-standard ones plus 100 * N. A test that stops, kills or restarts a server therefore
-only disturbs its own lane. ``scripts/test`` starts the lanes' stacks; the test
-session's ``conftest`` points each xdist worker (``gwN``) at lane N.
+Lane N > 0 is a second, private stack under ``.stack/lanes/<shift / 100>`` whose ports are the
+standard ones plus a shift of 100 * N. ``TEST_PORT_SHIFT`` (a multiple of 100) moves
+every lane, lane 0 included, so that two checkouts can run their suites side by side.
+A test that stops, kills or restarts a server therefore only disturbs its own lane.
+``scripts/test`` starts the lanes' stacks; the test session's ``conftest`` points
+each xdist worker (``gwN``) at lane N.
 
     python -m tests.lanes env N     print lane N's settings as shell exports
 """
@@ -27,12 +29,13 @@ BASE_PORTS = {
 
 
 def lane_env(lane: int) -> dict[str, str]:
-    """The stack settings of ``lane``; lane 0 changes nothing."""
-    if lane == 0:
+    """The stack settings of ``lane``; lane 0 without a TEST_PORT_SHIFT changes nothing."""
+    shift = PORT_STEP * lane + int(os.environ.get("TEST_PORT_SHIFT", "0"))
+    if shift == 0:
         return {}
-    ports = {name: str(port + PORT_STEP * lane) for name, port in BASE_PORTS.items()}
+    ports = {name: str(port + shift) for name, port in BASE_PORTS.items()}
     return {
-        "STACK_DIR": str(REPO / ".stack" / "lanes" / str(lane)),
+        "STACK_DIR": str(REPO / ".stack" / "lanes" / str(shift // PORT_STEP)),
         **ports,
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports['KAFKA_PORT']}",
         "SCHEMA_REGISTRY_URL": f"http://127.0.0.1:{ports['REGISTRY_PORT']}/apis/ccompat/v7",
