@@ -46,7 +46,8 @@ class SupervisedPool:
     """supervisord with the repo's supervisor.conf, in its own folder."""
 
     def __init__(self, env: dict, folder: Path):
-        self.env = {"PATH": os.environ["PATH"], **env}
+        # As scripts/start does: three partition workers and one retry worker by default.
+        self.env = {"PATH": os.environ["PATH"], "ORDERS_WORKERS": "3", "RETRY_WORKERS": "1", **env}
         self.folder = folder
         shutil.copy(REPO / "supervisor.conf", folder / "supervisor.conf")
         (folder / ".venv").symlink_to(REPO / ".venv")

@@ -120,11 +120,11 @@ class DeliveryFailed(OrdersError):
     """Some produced orders were not acknowledged by Kafka."""
 
 
-def _partition_from_env() -> int | None:
-    # honcho names processes consumer.1, consumer.2, ...; partitions start at 0.
+def _slot_from_env() -> int:
+    # honcho names processes consumer.1, consumer.2, ...; supervisor passes --slot.
     name = os.environ.get("HONCHO_PROCESS_NAME", "")
     _, _, number = name.rpartition(".")
-    return int(number) - 1 if number.isdigit() else None
+    return int(number) if number.isdigit() else 0
 
 
 def _process_manager() -> str:
@@ -139,9 +139,13 @@ def _process_manager() -> str:
 def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
     log.info("settings %s", settings.describe())
     store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    # A group member under KIP-848 (the broker assigns, cooperatively). Not a static
+    # member: under KIP-848 a crashed static member's id stays taken until its session
+    # expires, and its restart would be refused (UNRELEASED_INSTANCE_ID) until then.
+    membership = {"group.protocol": "consumer"} if kwargs.pop("member", False) else {}
     worker = worker_cls(
         settings,
-        consumer=make_consumer(settings, kwargs.pop("group_id")),
+        consumer=make_consumer(settings, kwargs.pop("group_id"), **membership),
         producer=make_producer(settings, transactional_id=kwargs.pop("transactional_id")),
         admin=make_admin(settings),
         store=store,
@@ -153,36 +157,46 @@ def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
     worker.run()
 
 
+_SLOT = click.option("--slot", type=click.IntRange(min=0), default=None,
+                     help="This worker's number on its host; with ORDERS_HOST it names the worker's group "
+                          "membership and transactional id. [default: from HONCHO_PROCESS_NAME, else 0]")
+
+
 @cli.command()
 @click.option("--partition", "-p", type=click.IntRange(min=0), default=None,
-              help="Partition of the orders topic to own. [default: from HONCHO_PROCESS_NAME]")
+              help="Own this one partition by explicit assignment instead of joining the consumer group "
+                   "(for debugging: never next to a group that consumes the same topic).")
+@_SLOT
 @click.pass_obj
-def consume(settings: Settings, partition: int | None) -> None:
-    """Run the worker that owns one partition of the orders topic."""
-    if partition is None:
-        partition = _partition_from_env()
-        if partition is None:
-            raise click.UsageError("--partition is required (or run under honcho as consumer.N)")
+def consume(settings: Settings, partition: int | None, slot: int | None) -> None:
+    """Run a worker of the orders topic: the consumer group gives it its partitions."""
     stop = StopFlag().install()
     _bootstrap(settings, stop)
+    if partition is None:
+        member = settings.member("consumer", _slot_from_env() if slot is None else slot)
+        _run_worker(settings, PartitionWorker, stop, name=member, member=member,
+                    group_id=settings.group_id("workers"), transactional_id=settings.transactional_id(member))
+        return
     counts = wait_for(lambda: partition_counts(make_admin(settings)), "kafka", should_stop=stop)
     available = counts.get(settings.orders_topic, 0)
     if partition >= available:
         raise click.BadParameter(f"topic {settings.orders_topic} has partitions 0..{available - 1}, not {partition}",
                                  param_hint="--partition")
     role = f"partition-{partition}"
-    _run_worker(settings, PartitionWorker, stop, partition=partition,
+    _run_worker(settings, PartitionWorker, stop, name=role, partition=partition,
                 group_id=settings.group_id(role), transactional_id=settings.transactional_id(role))
 
 
 @cli.command()
+@_SLOT
 @click.pass_obj
-def retry(settings: Settings) -> None:
-    """Run the retry worker (re-attempts orders from the retry topic when due)."""
+def retry(settings: Settings, slot: int | None) -> None:
+    """Run a retry worker (re-attempts orders from the retry topic when due)."""
     stop = StopFlag().install()
     _bootstrap(settings, stop)
-    _run_worker(settings, RetryWorker, stop, group_id=settings.group_id("retry"),
-                transactional_id=settings.transactional_id("retry"))
+    member = settings.member("retry", _slot_from_env() if slot is None else slot)
+    _run_worker(settings, RetryWorker, stop, name=member, member=member,
+                group_id=settings.group_id("retry-workers"), transactional_id=settings.transactional_id(member))
 
 
 def _filter_options(func):

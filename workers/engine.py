@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -233,11 +235,15 @@ class StopFlag:
 class BatchWorker:
     """Consumes its sources in batches and applies the exactly-once protocol above.
 
-    Subclasses say which sources they own (``sources``) and turn consumed
-    messages into a ``BatchPlan`` (``plan``); ``poll`` may be overridden.
+    Subclasses say which sources they own, either fixed (``sources``, explicit
+    assignment) or as a member of a consumer group (``subscription``: Kafka's group
+    coordinator assigns partitions of that topic, and they come and go), and turn
+    consumed messages into a ``BatchPlan`` (``plan``); ``poll`` may be overridden.
     """
 
     name = "worker"
+    role = "consumer"  # or "retry": shown by `orders status`
+    subscription: str | None = None  # a topic: own what the consumer group assigns of it
 
     def __init__(self, settings: Settings, *, consumer: Consumer, producer: Producer, admin: AdminClient,
                  store: AggregateStore, serde: OrderSerde, stop: Callable[[], bool], manager: str = "none"):
@@ -292,6 +298,9 @@ class BatchWorker:
     def on_reassign(self) -> None:
         """Called after the consumer was re-assigned (rewind): drop buffered messages."""
 
+    def on_released(self, sources: Set[Source]) -> None:
+        """Called after ``sources`` were revoked or lost: drop what is kept for them."""
+
     # -- lifecycle -------------------------------------------------------------------
     def run(self) -> None:
         """Run until asked to stop; raises FatalWorkerError or ServiceUnavailable (if stopped while waiting)."""
@@ -310,18 +319,83 @@ class BatchWorker:
 
     def start(self) -> None:
         wait_for(lambda: self._init_transactions(), "kafka transactions", should_stop=self.stop)
-        wait_for(self._load_state, "kafka and redis", should_stop=self.stop)
-        for source in self.sources:
+        if self.subscription is not None:
+            # State is loaded per partition as the group assigns it (_on_assign).
+            self.consumer.subscribe([self.subscription], on_assign=self._on_assign,
+                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
+            log.info("joined the consumer group worker=%s topic=%s", self.name, self.subscription)
+            return
+        sources = self.sources
+        wait_for(lambda: self._load_state(sources), "kafka and redis", should_stop=self.stop)
+        self._log_start(sources)
+        self._assign()
+
+    def _log_start(self, sources: Sequence[Source]) -> None:
+        for source in sources:
             position = self.position[source]
             log.info("start worker=%s source=%s counted_to=%s committed_to=%s resume_at=%s",
                      self.name, source, self.known[source], self.committed[source],
                      position if position is not None else "beginning")
-        self._assign()
 
-    def _load_state(self) -> None:
+    # -- consumer-group membership (KIP-848) ----------------------------------------
+    # The callbacks run inside poll(). Under the consumer protocol the lists hold
+    # only the partitions that change; the client (un)assigns them after the
+    # callback unless the callback did (on_assign does, with the resume offsets).
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        new = [Source(tp.topic, tp.partition) for tp in partitions]
+        new = [s for s in new if s not in self.position]
+        if not new:
+            return
+        wait_for(lambda: self._load_state(new), "kafka and redis", should_stop=self.stop)
+        self.sources = [*self.sources, *new]
+        self._log_start(new)
+        consumer.incremental_assign([self._start_at(s) for s in new])
+        self.on_assigned(new)
+
+    def on_assigned(self, sources: Sequence[Source]) -> None:
+        """Called after the group assigned ``sources`` (their state is loaded)."""
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {Source(tp.topic, tp.partition) for tp in partitions} & set(self.sources)
+        if not gone:
+            return
+        # The partitions are still ours until this returns: commit everything owned
+        # (one transaction spans all of them, as Kafka Streams does under EOS), so the
+        # next owner starts exactly at K with every side effect published.
+        self._commit()
+        self._release(gone)
+        log.info("partitions revoked worker=%s sources=%s", self.name, ",".join(sorted(map(str, gone))))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {Source(tp.topic, tp.partition) for tp in partitions} & set(self.sources)
+        if not gone:
+            return
+        # Another member may own them already: commit nothing, abort what is open.
+        # The abort drops the other partitions' uncommitted output too: rewind them.
+        log.warning("partitions lost worker=%s sources=%s action=abort_and_rewind_the_rest", self.name,
+                    ",".join(sorted(map(str, gone))))
+        self._abort()
+        self._release(gone)
+        if self.sources:
+            self._rewind()
+
+    def _release(self, gone: Set[Source]) -> None:
+        self.sources = [s for s in self.sources if s not in gone]
+        kept: list[dict] = [self.position, self.known, self.committed, self.records, self.published,
+                            self._published_end]
+        for table in kept:
+            for source in gone:
+                table.pop(source, None)
+        self.on_released(gone)
+
+    def _start_at(self, source: Source) -> TopicPartition:
+        position = self.position[source]
+        return TopicPartition(source.topic, source.partition, position if position is not None else OFFSET_BEGINNING)
+
+    def _load_state(self, sources: Sequence[Source]) -> None:
         """R and the kept records from Redis, K from Kafka, both checked against today's topics."""
-        ends = self._describe_topics()
-        stored = self.store.positions(self.sources)
+        ends = self._describe_topics(sources)
+        stored = self.store.positions(sources)
         past_end = {s: r for s, r in stored.items() if r is not None and r > ends[s]}
         if past_end:
             # Counted past what the partition holds: the state counts other data
@@ -330,21 +404,21 @@ class BatchWorker:
                         self.name, ",".join(f"{s}@{r}" for s, r in past_end.items()),
                         ",".join(f"{s}@{ends[s]}" for s in past_end))
             self._ensure_identity(force=True)
-            stored = self.store.positions(self.sources)
-        committed = self._committed_offsets(ends)
-        self.records = self.store.decision_records(self.sources)
-        for source in self.sources:
+            stored = self.store.positions(sources)
+        committed = self._committed_offsets(sources, ends)
+        self.records.update(self.store.decision_records(sources))
+        for source in sources:
             self.known[source], self.committed[source] = stored[source], committed[source]
-        self._resume_all()
+        self._resume(sources)
 
-    def _describe_topics(self) -> dict[Source, int]:
+    def _describe_topics(self, sources: Sequence[Source]) -> dict[Source, int]:
         """Learn the topics' ids (and tie Redis's state to them); returns each source's end offset."""
         names = [self.settings.orders_topic, self.settings.retry_topic, self.settings.dlq_topic]
         try:
             futures = self.admin.describe_topics(TopicCollection(names), request_timeout=10)
             described = {name: future.result() for name, future in futures.items()}
             ends = {s: self.consumer.get_watermark_offsets(TopicPartition(s.topic, s.partition), timeout=10)[1]
-                    for s in self.sources}
+                    for s in sources}
         except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
         self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
@@ -360,14 +434,19 @@ class BatchWorker:
                         ",".join(f"{k}={v}" for k, v in sorted(stored.items())),
                         ",".join(f"{k}={v}" for k, v in sorted(self.topic_ids.items())))
 
-    def _resume_all(self) -> None:
-        """Set every source's position; read the log of record where the replay goes below K."""
-        need = [s for s in self.sources if self._needs_ledger(s)]
-        self.published = published_decisions(
+    def _resume(self, sources: Sequence[Source]) -> None:
+        """Set the sources' positions; read the log of record where a replay goes below K."""
+        need = [s for s in sources if self._needs_ledger(s)]
+        published = published_decisions(
             lambda: make_consumer(self.settings, self.settings.group_id(f"{self.name}-ledger")),
             self.settings, need) if need else {}
-        self._published_end = {s: max(p, default=-1) + 1 for s, p in self.published.items()}
-        for source in self.sources:
+        for source in sources:
+            self.published.pop(source, None)
+            self._published_end.pop(source, None)
+        for source, offsets in published.items():
+            self.published[source] = offsets
+            self._published_end[source] = max(offsets, default=-1) + 1
+        for source in sources:
             self.position[source] = self._resume_at(source)
 
     def fresh_from(self, source: Source) -> int:
@@ -415,9 +494,9 @@ class BatchWorker:
     def _init_transactions(self) -> None:
         self.txn.init()
 
-    def _committed_offsets(self, ends: dict[Source, int]) -> dict[Source, int | None]:
+    def _committed_offsets(self, sources: Sequence[Source], ends: dict[Source, int]) -> dict[Source, int | None]:
         """K per source; None where missing, or written for another incarnation of the topic."""
-        tps = [TopicPartition(s.topic, s.partition) for s in self.sources]
+        tps = [TopicPartition(s.topic, s.partition) for s in sources]
         try:
             result = self.consumer.committed(tps, timeout=10)
         except KafkaException as exc:
@@ -434,9 +513,15 @@ class BatchWorker:
         return committed
 
     def _assign(self) -> None:
-        tps = [TopicPartition(s.topic, s.partition, position if position is not None else OFFSET_BEGINNING)
-               for s, position in ((s, self.position[s]) for s in self.sources)]
-        self.consumer.assign(tps)
+        """Start (again) at every source's position: assign, or seek what the group assigned."""
+        if self.subscription is None:
+            self.consumer.assign([self._start_at(s) for s in self.sources])
+        else:
+            for source in self.sources:
+                try:
+                    self.consumer.seek(self._start_at(source))
+                except KafkaException as exc:
+                    raise FatalWorkerError(f"cannot rewind {source}: {exc.args[0].str()}") from exc
         self.on_reassign()
 
     def shutdown(self) -> None:
@@ -622,7 +707,7 @@ class BatchWorker:
         # The decisions parked since the last read are in Redis only (the aborted
         # transaction never published them): read them all again.
         self.records = wait_for(lambda: self.store.decision_records(self.sources), "redis", should_stop=self.stop)
-        wait_for(self._resume_all, "kafka (log of record)", should_stop=self.stop)
+        wait_for(lambda: self._resume(self.sources), "kafka (log of record)", should_stop=self.stop)
         log.info("rewind worker=%s positions=%s", self.name,
                  ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()))
         self._assign()
@@ -642,14 +727,16 @@ class BatchWorker:
             err = msg.error()
             if err is None:
                 good.append(msg)
-            elif err.fatal():
+            elif err.fatal() or err.code() == KafkaError._FATAL:
+                # The consumer instance is unusable (e.g. fenced by the group): exit, restart.
                 raise FatalWorkerError(f"consumer error: {err.str()}")
             else:
                 log.warning("consumer error worker=%s code=%s reason=%s", self.name, err.name(), err.str())
         return good
 
     def _heartbeat(self) -> dict:
-        return {"pid": os.getpid(), "manager": self.manager, "at_ms": now_ms(),
+        return {"pid": os.getpid(), "manager": self.manager, "at_ms": now_ms(), "role": self.role,
+                "host": self.settings.host or socket.gethostname(),
                 "positions": {str(s): p for s, p in self.position.items()},
                 "latency": self.latency.as_dict(), **self.heartbeat_extra()}
 

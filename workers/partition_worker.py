@@ -1,6 +1,8 @@
-"""The partition worker: owns one partition of ``orders`` by explicit assignment.
+"""The partition worker: owns the partitions of ``orders`` that the consumer group gives it.
 
-Decodes, validates and processes each order; counts successes into its
+Every worker of every host is a member of one consumer group; Kafka's group
+coordinator spreads the partitions over them (``--partition`` pins one partition
+by explicit assignment instead, for debugging). Decodes, validates and processes each order; counts successes into its
 partition's sum and count in Redis; sends transient failures to the retry topic
 and permanent ones (including bytes that are not an order) to the DLQ. A failing
 order never holds up the orders behind it.
@@ -13,8 +15,8 @@ from collections.abc import Sequence
 from confluent_kafka import Message
 
 from .clients import wait_for
-from .engine import BatchPlan, BatchWorker
-from .store import Source
+from .engine import BatchPlan, BatchWorker, source_of
+from .store import Source, SourceBatch
 
 log = logging.getLogger(__name__)
 
@@ -22,20 +24,24 @@ FIRST_ATTEMPT = 1
 
 
 class PartitionWorker(BatchWorker):
-    def __init__(self, settings, partition: int, **clients):
+    def __init__(self, settings, name: str, partition: int | None = None, **clients):
         super().__init__(settings, **clients)
-        self.partition = partition
-        self.name = f"partition-{partition}"
-        self.source = Source(settings.orders_topic, partition)
-        self.sources = [self.source]
+        self.name = name
+        if partition is None:
+            self.subscription = settings.orders_topic
+        else:
+            self.sources = [Source(settings.orders_topic, partition)]
 
     def plan(self, messages: Sequence[Message]) -> BatchPlan:
         plan = BatchPlan()
         # Fetch unknown writer schemas first: a registry outage stalls the batch
         # (and is retried) instead of dead-lettering good orders.
         wait_for(lambda: self.serde.prefetch(m.value() for m in messages), "schema registry", should_stop=self.stop)
-        batch = plan.batch_for(self.source, self.known[self.source])
-        fresh = self.fresh_from(self.source)
+        batches: dict[Source, tuple[SourceBatch, int]] = {}
         for msg in messages:
-            self.settle(batch, plan, msg, self.partition, FIRST_ATTEMPT, provenance=None, fresh=fresh)
+            source = source_of(msg)
+            if source not in batches:
+                batches[source] = plan.batch_for(source, self.known[source]), self.fresh_from(source)
+            batch, fresh = batches[source]
+            self.settle(batch, plan, msg, source.partition, FIRST_ATTEMPT, provenance=None, fresh=fresh)
         return plan

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import KafkaException, Message, TopicPartition
 
 from .clients import wait_for
 from .engine import NEW, BatchPlan, BatchWorker, message_key, now_ms, offset_of, source_of
 from .envelope import MalformedEnvelope, Provenance, header_dict, retry_attempt
-from .errors import PermanentError
+from .errors import PermanentError, ServiceUnavailable
 from .processing import backoff_ms
 from .store import Source
 
@@ -35,19 +35,34 @@ DUE_MARGIN_MS = 60_000
 
 
 class RetryWorker(BatchWorker):
-    name = "retry"
-
-    def __init__(self, settings, **clients):
+    role = "retry"
+    def __init__(self, settings, name: str, **clients):
         super().__init__(settings, **clients)
-        self.sources = [Source(settings.retry_topic, p) for p in range(settings.retry_partitions)]
-        self.waiting: dict[Source, deque] = {s: deque() for s in self.sources}
+        self.name = name
+        # The retry topic's partitions are spread over the retry workers by the group.
+        # A partition that moves keeps its due times: they travel in the headers, and
+        # the new owner reads the waiting messages again from K.
+        self.subscription = settings.retry_topic
+        self.waiting: dict[Source, deque] = {}
         self.paused: set[Source] = set()
+        self.order_partitions = settings.partitions  # of the orders topic: refreshed as partitions are added
+
+    def on_assigned(self, sources: Sequence[Source]) -> None:
+        for source in sources:
+            self.waiting[source] = deque()
+        self.order_partitions = self._partitions.get(self.settings.orders_topic, self.order_partitions)
+
+    def on_released(self, sources: Set[Source]) -> None:
+        for source in sources:
+            self.waiting.pop(source, None)
+        self.paused -= sources
 
     def on_reassign(self) -> None:
         for queue in self.waiting.values():
             queue.clear()
         # A partition paused before the rewind must fetch again from its new offset.
-        self.consumer.resume([TopicPartition(s.topic, s.partition) for s in self.sources])
+        if self.paused:
+            self.consumer.resume([TopicPartition(s.topic, s.partition) for s in self.paused])
         self.paused.clear()
 
     def poll(self) -> list[Message]:
@@ -114,7 +129,7 @@ class RetryWorker(BatchWorker):
                 attempt, due_ms = retry_attempt(headers)
                 self._checked_due(due_ms)
                 provenance = Provenance.from_headers(headers)
-                if not 0 <= provenance.partition < self.settings.partitions:
+                if not self._order_partition_exists(provenance.partition):
                     raise MalformedEnvelope(f"original partition {provenance.partition} does not exist")
             except MalformedEnvelope as exc:
                 self.settle(batch, plan, msg, -1, 0, None, malformed=MalformedRetry(str(exc)))
@@ -122,6 +137,21 @@ class RetryWorker(BatchWorker):
             if self.settle(batch, plan, msg, provenance.partition, attempt, provenance):
                 log.info("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
                          message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
+
+    def _order_partition_exists(self, partition: int) -> bool:
+        if 0 <= partition < self.order_partitions:
+            return True
+        # Partitions may have been added to the orders topic since we looked.
+        self.order_partitions = wait_for(self._count_order_partitions, "kafka", should_stop=self.stop)
+        return 0 <= partition < self.order_partitions
+
+    def _count_order_partitions(self) -> int:
+        topic = self.settings.orders_topic
+        try:
+            meta = self.consumer.list_topics(topic, timeout=10).topics[topic]
+        except KafkaException as exc:
+            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+        return len(meta.partitions)
 
     def _pause_waiting(self) -> None:
         """Pause partitions with messages waiting (bounds memory), resume drained ones."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -87,6 +88,10 @@ class Settings:
 
     group_prefix: str = "orders"
     transactional_id_prefix: str = "orders"
+    # This host's name among the pool's hosts (default: the machine's host name). With
+    # a worker's slot it names the worker's static group membership and transactional
+    # id, so two hosts must never share it: their workers would fence each other.
+    host: str = ""
     batch_size: int = 2000
     poll_timeout_s: float = 0.5
 
@@ -160,6 +165,10 @@ class Settings:
     def transactional_id(self, role: str) -> str:
         return f"{self.transactional_id_prefix}-{role}"
 
+    def member(self, role: str, slot: int) -> str:
+        """A worker's stable name: host, role and slot (its number on the host)."""
+        return f"{self.host or socket.gethostname()}-{role}-{slot}"
+
     def describe(self) -> str:
         """One log line of the effective settings, with secrets hidden."""
         shown = []
@@ -221,6 +230,7 @@ _ENV_VARS = {
     "retention_ms": ("TOPIC_RETENTION_MS", int),
     "group_prefix": ("CONSUMER_GROUP_PREFIX", str),
     "transactional_id_prefix": ("TRANSACTIONAL_ID_PREFIX", str),
+    "host": ("ORDERS_HOST", str),
     "batch_size": ("BATCH_SIZE", int),
     "poll_timeout_s": ("POLL_TIMEOUT_S", float),
     "failure_rate": ("ORDERS_FAILURE_RATE", float),

@@ -15,6 +15,15 @@ ALIVE_WITHIN_MS = 10_000  # workers refresh their heartbeat every 2 s
 _MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
+def _partition_count(consumer: Consumer, topic: str, configured: int) -> int:
+    """The topic's partitions as Kafka has them (more may have been added); configured if missing."""
+    try:
+        meta = consumer.list_topics(topic, timeout=5).topics[topic]
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    return len(meta.partitions) if meta.error is None and meta.partitions else configured
+
+
 def _end_offsets(consumer: Consumer, topic: str, partitions: int) -> list[int | None]:
     ends: list[int | None] = []
     for p in range(partitions):
@@ -39,24 +48,35 @@ class StatusReader:
 
     def snapshot(self) -> dict:
         s = self.settings
-        order_sources = [Source(s.orders_topic, p) for p in range(s.partitions)]
-        retry_sources = [Source(s.retry_topic, p) for p in range(s.retry_partitions)]
-        workers = [f"partition-{p}" for p in range(s.partitions)] + ["retry"]
-        snap = self.store.snapshot(s.partitions, order_sources + retry_sources, workers)
-        order_ends = _end_offsets(self.consumer, s.orders_topic, s.partitions)
-        retry_ends = _end_offsets(self.consumer, s.retry_topic, s.retry_partitions)
+        order_count = _partition_count(self.consumer, s.orders_topic, s.partitions)
+        retry_count = _partition_count(self.consumer, s.retry_topic, s.retry_partitions)
+        order_sources = [Source(s.orders_topic, p) for p in range(order_count)]
+        retry_sources = [Source(s.retry_topic, p) for p in range(retry_count)]
+        snap = self.store.snapshot(order_count, order_sources + retry_sources, self.store.worker_names())
+        order_ends = _end_offsets(self.consumer, s.orders_topic, order_count)
+        retry_ends = _end_offsets(self.consumer, s.retry_topic, retry_count)
         now_ms = int(time.time() * 1000)
-        beats = snap["workers"]
+        # Who owns what: each live worker's heartbeat names the partitions it holds.
+        live = {name: beat for name, beat in snap["workers"].items() if _alive(beat, now_ms)}
+        owners: dict[str, list[str]] = {}
+        for name, beat in sorted(live.items()):
+            for source in beat.get("positions", {}):
+                owners.setdefault(source, []).append(name)
 
         partitions = []
         for p, source in enumerate(order_sources):
-            beat = beats[f"partition-{p}"]
+            claimed = owners.get(str(source), [])
+            beat = live[claimed[0]] if claimed else None
             totals = snap["partitions"][p]
             position = snap["sources"][source].get("offset")
             end = order_ends[p]
             partitions.append({
                 "partition": p,
-                "alive": _alive(beat, now_ms),
+                "alive": beat is not None,
+                "owner": claimed[0] if claimed else None,
+                # two live claims: a move in progress (the old owner's heartbeat has not expired yet)
+                "moving": len(claimed) > 1,
+                "host": beat.get("host") if beat else None,
                 "pid": beat["pid"] if beat else None,
                 "manager": beat.get("manager") if beat else None,
                 **totals.as_dict(),
@@ -64,9 +84,11 @@ class StatusReader:
                 "position": position,
                 "lag": (end - (position or 0)) if end is not None else None,
             })
-        retry_beat = beats["retry"]
+        retry_beats = [live[name] for name in sorted({n for src in retry_sources for n in owners.get(str(src), [])})]
         retry_backlog = sum(max(0, (end or 0) - (snap["sources"][src].get("offset") or 0))
                             for src, end in zip(retry_sources, retry_ends, strict=True))
+        dues = [b["next_due_ms"] for b in retry_beats if b.get("next_due_ms")]
+        retry_workers = [b for n, b in live.items() if b.get("role") == "retry"]
         total = snap["total"]
         data = {
             "at_ms": now_ms,
@@ -74,15 +96,19 @@ class StatusReader:
                        "duplicate_replays": total.duplicate_replays},
             "partitions": partitions,
             "retry": {
-                "alive": _alive(retry_beat, now_ms),
-                "pid": retry_beat["pid"] if retry_beat else None,
+                "alive": bool(retry_workers),
+                "pid": retry_workers[0]["pid"] if retry_workers else None,
+                "workers": len(retry_workers),
+                "unowned": [src.partition for src in retry_sources if str(src) not in owners],
                 # end offsets include transaction markers: an upper bound
                 "backlog": retry_backlog,
-                "waiting": retry_beat.get("waiting", 0) if retry_beat else None,
-                "next_due_ms": retry_beat.get("next_due_ms") if retry_beat else None,
+                "waiting": sum(b.get("waiting", 0) for b in retry_beats) if retry_workers else None,
+                "next_due_ms": min(dues) if dues else None,
             },
+            "workers": {name: {"host": b.get("host"), "pid": b.get("pid"), "role": b.get("role"),
+                               "owns": sorted(b.get("positions", {}))} for name, b in sorted(live.items())},
             "dlq": {"size": total.dead_lettered},
-            "latency": merge(b["latency"] for b in beats.values() if b and "latency" in b),
+            "latency": merge(b["latency"] for b in live.values() if "latency" in b),
         }
         data["pool"] = _pool(data)
         self._compare(data)
@@ -100,11 +126,15 @@ class StatusReader:
             part["lag_growing"] = bool(before and part["lag"] is not None and before["lag"] is not None
                                        and part["lag"] > before["lag"] > 0)
             if not part["alive"]:
-                alerts.append(f"partition {part['partition']} has no live worker")
+                alerts.append(f"partition {part['partition']} is owned by no live worker")
+            elif part["moving"]:
+                alerts.append(f"partition {part['partition']} is moving between workers (rebalance)")
             if before and part["lag_growing"]:
                 alerts.append(f"partition {part['partition']} lag is growing ({before['lag']} -> {part['lag']})")
         if not data["retry"]["alive"]:
-            alerts.append("the retry worker is not alive")
+            alerts.append("no retry worker is alive")
+        elif data["retry"]["unowned"]:
+            alerts.append(f"retry partitions owned by no live worker: {data['retry']['unowned']}")
         grown = data["dlq"]["size"] - prev["dlq"]["size"] if prev else 0
         data["dlq"]["grew"] = grown > 0
         if grown > 0:
@@ -119,17 +149,18 @@ def _alive(beat: dict | None, now_ms: int) -> bool:
 
 
 def _pool(data: dict) -> dict:
-    alive = [p for p in data["partitions"] if p["alive"]]
-    managers = {p["manager"] for p in alive if p.get("manager")}
-    running = len(alive) + (1 if data["retry"]["alive"] else 0)
+    owned = [p for p in data["partitions"] if p["alive"]]
+    managers = {p["manager"] for p in owned if p.get("manager")}
+    running = len(data["workers"])
     if running == 0:
         state = "not running"
-    elif len(alive) == len(data["partitions"]) and data["retry"]["alive"]:
+    elif len(owned) == len(data["partitions"]) and data["retry"]["alive"] and not data["retry"]["unowned"]:
         state = "running"
     else:
         state = "degraded"
-    return {"state": state, "manager": ",".join(sorted(managers)) or None,
-            "workers_alive": running, "workers_expected": len(data["partitions"]) + 1}
+    return {"state": state, "manager": ",".join(sorted(managers)) or None, "workers_alive": running,
+            "hosts": sorted({w["host"] for w in data["workers"].values() if w.get("host")}),
+            "partitions_owned": len(owned), "partitions": len(data["partitions"])}
 
 
 def _num(value, fmt: str = "") -> str:
@@ -145,22 +176,25 @@ def render(data: dict, style=lambda text, **kw: text) -> list[str]:
     avg = "-" if g["average"] is None else f"{g['average']:.4f}"
     lat = data["latency"]
     lines = [
-        style(f"pool {pool['state']}{manager}: {pool['workers_alive']}/{pool['workers_expected']} workers alive",
+        style(f"pool {pool['state']}{manager}: {pool['workers_alive']} workers alive on "
+              f"{len(pool['hosts'])} host(s), {pool['partitions_owned']}/{pool['partitions']} partitions owned",
               fg=state_color, bold=True),
         f"global   count={g['count']}  sum={g['sum']:.2f}  average={avg}  retried={g['retried']}  "
         f"dead-lettered={g['dead_lettered']}  duplicate replays={g['duplicate_replays']}",
         f"latency  p50={_num(lat['p50_ms'])} ms  p99={_num(lat['p99_ms'])} ms  max={_num(lat['max_ms'])} ms  "
         "(produce to counted)",
         "",
-        f"{'part':<5}{'worker':<16}{'count':>10}{'sum':>14}{'average':>10}{'lag':>9}{'orders/s':>10}",
+        f"{'part':<5}{'worker':<28}{'count':>10}{'sum':>14}{'average':>10}{'lag':>9}{'orders/s':>10}",
     ]
     for p in data["partitions"]:
-        worker = f"pid {p['pid']}" if p["alive"] else "DOWN"
-        row = (f"{p['partition']:<5}{worker:<16}{p['count']:>10}{p['sum']:>14.2f}"
+        worker = f"{p['owner']} ({p['pid']})" if p["alive"] else "NOBODY"
+        if p["moving"]:
+            worker += " moving"
+        row = (f"{p['partition']:<5}{worker:<28}{p['count']:>10}{p['sum']:>14.2f}"
                f"{_num(p['average'], '.2f'):>10}{_num(p['lag']):>9}{_num(p['rate_per_s']):>10}")
         lines.append(style(row, fg="red") if not p["alive"] else style(row, fg="yellow") if p["lag_growing"] else row)
     r = data["retry"]
-    retry_state = f"pid {r['pid']}" if r["alive"] else "DOWN"
+    retry_state = f"{r['workers']} worker(s)" if r["alive"] else "DOWN"
     due = "-"
     if r["next_due_ms"]:
         due = f"in {max(0, r['next_due_ms'] - data['at_ms']) / 1000:.1f}s"

@@ -273,6 +273,9 @@ class AggregateStore:
         """Refresh the worker's heartbeat; return each source's stored offset (None: no state)."""
         beat = json.dumps(heartbeat)
         try:
+            if not sources:  # a group member that owns nothing right now is alive too
+                self._redis.set(self.heartbeat_key(worker), beat, px=HEARTBEAT_TTL_MS)
+                return {}
             pipe = self._redis.pipeline(transaction=False)
             for source in sources:
                 self._touch(keys=[self.source_key(source), self.heartbeat_key(worker)],
@@ -354,6 +357,14 @@ class AggregateStore:
                for s, r in zip(sources, rest[:len(sources)], strict=True)}
         beats = {w: (json.loads(r) if r else None) for w, r in zip(workers, rest[len(sources):], strict=True)}
         return {"total": total, "partitions": parts, "sources": src, "workers": beats}
+
+    def worker_names(self) -> list[str]:
+        """Workers with a live heartbeat key (it expires HEARTBEAT_TTL_MS after the last beat)."""
+        pattern = self.heartbeat_key("*")
+        try:
+            return sorted(_text(key)[len(pattern) - 1:] for key in self._redis.scan_iter(match=pattern, count=1000))
+        except _REDIS_DOWN as exc:
+            raise ServiceUnavailable(f"redis: {exc}") from exc
 
     def record_replays(self, replays: dict[str, dict]) -> None:
         """Remember which dead letters were replayed (id -> details), one round trip."""

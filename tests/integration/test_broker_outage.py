@@ -66,8 +66,9 @@ OUTAGE_S = 65          # > transaction.timeout.ms (60 s) > watchdog (45 s) > KAF
 # the worker at once, which then needs its start-up (bootstrap, init_transactions,
 # committed offsets: ~10-20 s on two busy cores). 90 s covers that with a margin.
 RESUME_BOUND_S = 90
-WORKERS = {"consumer:consumer-0": "partition-0", "consumer:consumer-1": "partition-1",
-           "consumer:consumer-2": "partition-2", "retry": "retry"}
+# supervisor's program name -> the worker's name (its heartbeat key)
+WORKERS = {"consumer:consumer-0": ("consumer", 0), "consumer:consumer-1": ("consumer", 1),
+           "consumer:consumer-2": ("consumer", 2), "retry:retry-0": ("retry", 0)}
 
 
 @pytest.fixture(params=["0", "0.3"], ids=["failures-0", "failures-0.3"])
@@ -103,9 +104,10 @@ def check_counts(env: dict, settings: Settings) -> None:
 def not_resumed(pool: SupervisedPool, store: AggregateStore, settings: Settings, since_ms: int) -> list[str]:
     """The workers that have not yet resumed since ``since_ms``, each with why."""
     sources = [Source(settings.orders_topic, p) for p in range(settings.partitions)]
-    snap = store.snapshot(settings.partitions, sources=sources, workers=list(WORKERS.values()))
+    names = {program: settings.member(*slot) for program, slot in WORKERS.items()}
+    snap = store.snapshot(settings.partitions, sources=sources, workers=list(names.values()))
     waiting = []
-    for program, name in WORKERS.items():
+    for program, name in names.items():
         beat, pid = snap["workers"][name], supervised_pid(pool, program)
         if beat is None:
             waiting.append(f"{name}: no heartbeat (supervisor pid {pid})")
@@ -146,9 +148,9 @@ def consumed_ends(settings: Settings) -> dict[str, dict[Source, int]]:
     for msg in read_topic(settings.bootstrap_servers, settings.retry_topic):
         source = Source(msg.topic(), msg.partition())
         retry[source] = max(retry.get(source, 0), msg.offset() + 1)  # the retry topic has markers
-    ends = {settings.group_id(f"partition-{s.partition}"): {s: end} for s, end in orders.items()}
+    ends = {settings.group_id("workers"): orders}
     if retry:
-        ends[settings.group_id("retry")] = retry
+        ends[settings.group_id("retry-workers")] = retry
     return ends
 
 

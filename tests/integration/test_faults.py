@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 LOAD = 20_000
 RATE = 2_500
-WORKERS = ("consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry")
+WORKERS = ("consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry:retry-0")
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_workers_killed_repeatedly(env, pool, tmp_path):
 def test_graceful_restart_of_every_program(env, pool, tmp_path):
     load = start_load(env, tmp_path)
     time.sleep(2)
-    for name in ["consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry", "producer",
+    for name in ["consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry:retry-0", "producer",
                  "dlq-viewer"]:
         pool.ctl("restart", name, check=True)
         time.sleep(0.5)
@@ -76,7 +76,7 @@ def test_graceful_restart_of_every_program(env, pool, tmp_path):
     pool.wait_all_running(timeout=90)
     check_invariants(env, Settings.from_env(env))
     log = (pool.folder / "run" / "supervisord.log").read_text()
-    for worker in ("consumer-0", "consumer-1", "consumer-2", "retry"):
+    for worker in ("consumer-0", "consumer-1", "consumer-2", "retry-0"):
         assert f"stopped: {worker} (exit status 0)" in log, log
     assert "SIGKILL" not in log  # everything stopped well inside stopwaitsecs
 

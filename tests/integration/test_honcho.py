@@ -22,15 +22,10 @@ from .conftest import cleanup
 
 pytestmark = pytest.mark.timeout(600)
 
-# What each Procfile line runs, as it appears in the process's command line.
-PROGRAMS = {
-    "consumer0": "orders consume --partition 0",
-    "consumer1": "orders consume --partition 1",
-    "consumer2": "orders consume --partition 2",
-    "retry": "orders retry",
-    "producer": "orders produce",
-    "dlqviewer": "orders dlq --follow",
-}
+# The processes of `honcho start -c consumer=3`, by the name honcho gives each
+# (HONCHO_PROCESS_NAME): three workers of the orders topic's consumer group.
+CONCURRENCY = "consumer=3"
+PROGRAMS = ("consumer.1", "consumer.2", "consumer.3", "retry.1", "producer.1", "dlqviewer.1")
 
 
 class Honcho:
@@ -50,7 +45,7 @@ class Honcho:
         """Start honcho and wait until all six programs run; returns them by Procfile name."""
         self.runs += 1
         with open(self.folder / f"honcho-{self.runs}.log", "w") as log:
-            self.proc = subprocess.Popen([str(REPO / ".venv/bin/honcho"), "start"], cwd=self.folder,
+            self.proc = subprocess.Popen([str(REPO / ".venv/bin/honcho"), "start", "-c", CONCURRENCY], cwd=self.folder,
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return wait_until(self.programs, "honcho started all six programs", timeout=60)
 
@@ -64,12 +59,12 @@ class Honcho:
             raise AssertionError(f"honcho exited {self.proc.poll()}: {self.log()}") from None
         for child in descendants:
             try:
-                cmdline = " ".join(child.cmdline())
+                name = child.environ().get("HONCHO_PROCESS_NAME")
+                running = "orders" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
                 continue
-            for name, pattern in PROGRAMS.items():
-                if pattern in cmdline and child.status() != psutil.STATUS_ZOMBIE:
-                    found[name] = child
+            if name in PROGRAMS and running:
+                found[name] = child
         return found if len(found) == len(PROGRAMS) else None
 
     def log(self) -> str:
@@ -131,8 +126,8 @@ def test_a_worker_killed_under_honcho_stops_the_pool_and_loses_nothing(honcho, p
                                  env={**pool_env, "PATH": "/usr/bin:/bin"}, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: stats(pool_env)["count"] > 2000, "the pool counts the streamed orders")
-        others = [p for name, p in programs.items() if name != "consumer1"]
-        programs["consumer1"].send_signal(signal.SIGKILL)
+        others = [p for name, p in programs.items() if name != "consumer.2"]
+        programs["consumer.2"].send_signal(signal.SIGKILL)
 
         # Honcho does not restart the worker: it stops every other program and exits.
         assert honcho.proc is not None

@@ -204,7 +204,7 @@ def test_offsets_expired_by_the_broker(env, pools, short_offsets_retention):
     produce(env, 1000, seed=8)
     check_invariants(env, settings)
     pools.stop()
-    groups = [settings.group_id(f"partition-{p}") for p in range(settings.partitions)] + [settings.group_id("retry")]
+    groups = [settings.group_id("workers"), settings.group_id("retry-workers")]
     assert all(committed_offsets(settings, groups).values())
     wait_until(lambda: not any(committed_offsets(settings, groups).values()), "the broker expired the offsets",
                timeout=180, interval=5)

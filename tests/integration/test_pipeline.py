@@ -39,7 +39,7 @@ def pool(pool_env, tmp_path):
 def test_supervised_pool_counts_every_order_once(pool, pool_env):
     settings = Settings.from_env(pool_env)
     assert set(pool.statuses()) == {"consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2",
-                                    "retry", "producer", "dlq-viewer"}
+                                    "retry:retry-0", "producer", "dlq-viewer"}
     run_orders(pool_env, "produce", "--count", "3000", "--seed", "7")
     pool.ctl("stop", "producer", check=True)
     truth = check_invariants(pool_env, settings)
@@ -52,7 +52,7 @@ def test_supervised_pool_counts_every_order_once(pool, pool_env):
         wait_until(lambda: stats(pool_env)["count"] > truth.count, "the pool counts the streamed orders")
         pool.kill("consumer:consumer-1", signal.SIGTERM)
         pool.kill("consumer:consumer-2", signal.SIGKILL)
-        pool.kill("retry", signal.SIGKILL)
+        pool.kill("retry:retry-0", signal.SIGKILL)
         assert producing.wait(60) == 0
     finally:
         if producing.poll() is None:
@@ -75,7 +75,7 @@ def committed_and_end_offsets(settings: Settings) -> tuple[list[int], list[int]]
     committed, ends = [], []
     for p in range(settings.partitions):
         consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers,
-                             "group.id": settings.group_id(f"partition-{p}"), "enable.auto.commit": False})
+                             "group.id": settings.group_id("workers"), "enable.auto.commit": False})
         try:
             tp = TopicPartition(settings.orders_topic, p)
             committed.append(consumer.committed([tp], timeout=10)[0].offset)

@@ -52,7 +52,7 @@ def main(mode: str) -> int:
     settings = Settings.from_env()
     role = "partition-0"
     worker = PartitionWorker(
-        settings, 0,
+        settings, role, partition=0,
         consumer=make_consumer(settings, settings.group_id(role)),
         producer=make_producer(settings, transactional_id=settings.transactional_id(role)),
         admin=make_admin(settings),
