@@ -79,10 +79,25 @@ class SupervisedPool:
         statuses = {}
         while time.monotonic() < deadline:
             statuses = self.statuses()
-            if len(statuses) == 6 and all(s == "RUNNING" for n, s in statuses.items() if n not in stopped):
+            if len(statuses) == self.programs and all(s == "RUNNING" for n, s in statuses.items() if n not in stopped):
                 return statuses
             time.sleep(0.5)
         raise AssertionError(f"not all programs RUNNING: {statuses}\n{self.logs()}")
+
+    @property
+    def programs(self) -> int:
+        """How many programs supervisord runs: the workers of both roles, the producer and the viewer."""
+        return int(self.env["ORDERS_WORKERS"]) + int(self.env["RETRY_WORKERS"]) + 2
+
+    def kill_host(self) -> None:
+        """SIGKILL supervisord and every process it started, as if the host died."""
+        pid = int((self.folder / "run" / "supervisord.pid").read_text())
+        try:
+            supervisord = psutil.Process(pid)
+            for proc in [supervisord, *supervisord.children(recursive=True)]:
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
     def pid(self, name: str) -> int:
         return int(self.ctl("pid", name).strip())

@@ -313,13 +313,22 @@ def dlq_replay(settings: Settings, error_types, order_ids, since, dry_run: bool,
         raise ReplayFailed(f"{len(errors)} replays were not delivered: {errors[:5]}")
 
 
+def _orders_partitions(settings: Settings) -> int:
+    """The orders topic's partitions as Kafka has them (more may have been added since
+    ``orders init``); the setting when Kafka does not answer: the figures are in Redis."""
+    try:
+        return partition_counts(make_admin(settings)).get(settings.orders_topic) or settings.partitions
+    except ServiceUnavailable:
+        return settings.partitions
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def stats(settings: Settings, as_json: bool) -> None:
     """Show the global running average and each partition's count and sum."""
     store = AggregateStore(make_redis(settings), settings.redis_prefix)
-    snap = store.snapshot(settings.partitions)
+    snap = store.snapshot(_orders_partitions(settings))
     data = {**snap["total"].as_dict(),
             "partitions": [{"partition": p, **t.as_dict()} for p, t in enumerate(snap["partitions"])]}
     if as_json:

@@ -417,6 +417,10 @@ class BatchWorker:
         try:
             futures = self.admin.describe_topics(TopicCollection(names), request_timeout=10)
             described = {name: future.result() for name, future in futures.items()}
+            # Partitions added since the consumer last refreshed its metadata are
+            # "unknown" to it until it looks again (every 5 minutes by default).
+            for topic in {s.topic for s in sources}:
+                self.consumer.list_topics(topic, timeout=10)
             ends = {s: self.consumer.get_watermark_offsets(TopicPartition(s.topic, s.partition), timeout=10)[1]
                     for s in sources}
         except KafkaException as exc:

@@ -12,7 +12,9 @@ from .settings import Settings
 from .store import AggregateStore, Source
 
 ALIVE_WITHIN_MS = 10_000  # workers refresh their heartbeat every 2 s
-_MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
+_MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
+            # a partition just created or moving between brokers: its end is unknown for a moment
+            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
 
 
 def _partition_count(consumer: Consumer, topic: str, configured: int) -> int:
@@ -31,7 +33,7 @@ def _end_offsets(consumer: Consumer, topic: str, partitions: int) -> list[int | 
             ends.append(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)[1])
         except KafkaException as exc:
             if exc.args[0].code() in _MISSING:
-                ends.append(None)  # the topic is not created yet
+                ends.append(None)  # not created yet, or without a leader right now
                 continue
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
     return ends

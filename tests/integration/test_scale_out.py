@@ -1,0 +1,143 @@
+"""Scale out: several "hosts" (supervisord instances side by side, each with its own
+ORDERS_HOST, run folder and control socket) share a 12-partition topic through
+Kafka's consumer groups. Under load, with orders made by the test, every run ends
+exact: count, sum, average and per-partition figures equal the truth read from the
+log, and no order is both counted and dead-lettered (tests/pool.py check_exact).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import NewPartitions
+
+from workers.clients import make_admin
+from workers.settings import Settings
+
+from ..conftest import isolated_env
+from ..pool import ORDERS, SupervisedPool, check_exact, run_orders, stats, wait_until
+from .conftest import cleanup
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+
+PARTITIONS = 12
+LOAD, RATE = 12_000, 800
+# The local broker's group session (scripts/stack GROUP_SESSION_TIMEOUT_MS): a dead
+# member's partitions move after it. The bound on top: `orders status` calls a worker
+# alive for 10 s after its last heartbeat, a new owner beats every 2 s and loads the
+# partition's state first (~1-3 s on two busy cores); 15 s covers that with room.
+SESSION_S = 10
+TAKEOVER_BOUND_S = SESSION_S + 15
+
+
+@pytest.fixture
+def env() -> Iterator[dict]:
+    env = isolated_env("scale", ORDERS_PARTITIONS=str(PARTITIONS), RETRY_PARTITIONS="4",
+                       ORDERS_FAILURE_RATE="0.2", RETRY_BACKOFF_MS="200", PRODUCE_RATE="0.001")
+    yield env
+    cleanup(Settings.from_env(env))
+
+
+@pytest.fixture
+def hosts(env: dict, tmp_path: Path) -> Iterator[Callable[..., SupervisedPool]]:
+    """Start a host: ``hosts("host-a", workers=3)``; every one is stopped at the end."""
+    started: list[SupervisedPool] = []
+
+    def start(name: str, workers: int = 3, retry_workers: int = 1) -> SupervisedPool:
+        folder = tmp_path / name
+        folder.mkdir()
+        host = SupervisedPool({**env, "ORDERS_HOST": name, "ORDERS_WORKERS": str(workers),
+                               "RETRY_WORKERS": str(retry_workers)}, folder)
+        started.append(host)
+        host.start()
+        return host
+
+    yield start
+    for host in started:
+        host.stop()
+
+
+def start_load(env: dict, tmp_path: Path, count: int = LOAD, rate: int = RATE) -> subprocess.Popen:
+    # The producer looks for new partitions every 2 s (librdkafka's default is 5 minutes).
+    return subprocess.Popen([ORDERS, "produce", "--count", str(count), "--rate", str(rate),
+                             "--record", str(tmp_path / "delivered.jsonl")],
+                            env={**env, "PATH": "/usr/bin:/bin", "KAFKA_TOPIC_METADATA_REFRESH_INTERVAL_MS": "2000"},
+                            stderr=subprocess.DEVNULL)
+
+
+def finish_load(load: subprocess.Popen, timeout: float = 180) -> None:
+    assert load.wait(timeout) == 0, "the producer reported undelivered orders"
+
+
+def status(env: dict) -> dict:
+    return json.loads(run_orders(env, "status", "--json").stdout)
+
+
+def owners(env: dict) -> dict[int, str | None]:
+    """Partition -> the host of its live owner (None: nobody, or a move in progress)."""
+    return {p["partition"]: (None if p["moving"] else p["host"]) for p in status(env)["partitions"]}
+
+
+def wait_spread(env: dict, hosts: set[str], partitions: int = PARTITIONS, timeout: float = 60) -> dict[int, str | None]:
+    """Wait until every partition (and every retry partition) is owned, and every one of ``hosts`` owns some."""
+    def spread() -> dict | None:
+        snap = status(env)
+        owned = {p["partition"]: p["host"] for p in snap["partitions"] if not p["moving"]}
+        done = (len(snap["partitions"]) == partitions and set(owned) == set(range(partitions))
+                and set(owned.values()) == hosts and not snap["retry"]["unowned"] and snap["retry"]["alive"])
+        return owned if done else None
+    return wait_until(spread, f"all {partitions} partitions owned by {sorted(hosts)}", timeout=timeout)
+
+
+def test_a_dead_hosts_partitions_move_to_the_survivor(env, hosts, tmp_path):
+    """Host A's supervisord and all its children are SIGKILLed mid-run: host B takes over every partition."""
+    settings = Settings.from_env(env)
+    host_a = hosts("host-a")
+    hosts("host-b")
+    wait_spread(env, {"host-a", "host-b"})
+    load = start_load(env, tmp_path)
+    wait_until(lambda: stats(env)["count"] > 2000, "the pool counts under load")
+    host_a.kill_host()
+    # Within the group session plus the stated bound, host B owns everything...
+    wait_spread(env, {"host-b"}, timeout=TAKEOVER_BOUND_S)
+    finish_load(load)
+    # ... and counted every order exactly once, the dead host's unfinished work included.
+    check_exact(env, settings, timeout=180)
+
+
+def test_a_host_that_joins_gets_partitions(env, hosts, tmp_path):
+    """A third host joins mid-run: partitions move to it, and nothing is lost or counted twice."""
+    settings = Settings.from_env(env)
+    hosts("host-a")
+    hosts("host-b")
+    wait_spread(env, {"host-a", "host-b"})
+    load = start_load(env, tmp_path)
+    wait_until(lambda: stats(env)["count"] > 2000, "the pool counts under load")
+    hosts("host-c", workers=2)
+    def host_c_owns() -> dict[int, str | None] | None:
+        owned = owners(env)
+        return owned if "host-c" in owned.values() else None
+    owned = wait_until(host_c_owns, "host-c owns partitions", timeout=60)
+    assert set(owned.values()) >= {"host-a", "host-b", "host-c"}, owned
+    finish_load(load)
+    check_exact(env, settings, timeout=180)
+
+
+def test_partitions_added_to_the_live_topic_get_workers_and_are_counted(env, hosts, tmp_path):
+    """The orders topic grows from 12 to 16 partitions under load: the new ones are owned and counted."""
+    settings = Settings.from_env(env)
+    hosts("host-a")
+    hosts("host-b")
+    wait_spread(env, {"host-a", "host-b"})
+    load = start_load(env, tmp_path)
+    wait_until(lambda: stats(env)["count"] > 1000, "the pool counts under load")
+    admin = make_admin(settings)
+    admin.create_partitions([NewPartitions(settings.orders_topic, PARTITIONS + 4)])[settings.orders_topic].result(30)
+    wait_spread(env, {"host-a", "host-b"}, partitions=PARTITIONS + 4)
+    wait_until(lambda: all(p["count"] > 0 for p in stats(env)["partitions"][PARTITIONS:]),
+               "orders of the new partitions are counted", timeout=90)
+    finish_load(load)
+    check_exact(env, settings, timeout=180)
