@@ -45,17 +45,15 @@ def topic_config(settings: Settings, name: str) -> dict[str, str]:
 def ensure_topics(admin: AdminClient, settings: Settings) -> list[str]:
     """Create the missing topics; returns their names.
 
-    Raises TopicConfigError if a topic exists with another partition count than
-    configured (the design maps worker n to partition n), ServiceUnavailable if
-    Kafka does not answer.
+    The partition counts only matter for topics created here: an existing topic
+    keeps its own (partitions may have been added; the consumer groups spread
+    whatever the topics have). Raises ServiceUnavailable if Kafka does not answer.
     """
     wanted = wanted_topics(settings)
     existing = partition_counts(admin)
     for name, partitions in wanted.items():
         if name in existing and existing[name] != partitions:
-            raise TopicConfigError(
-                f"topic {name} has {existing[name]} partitions but {partitions} are configured; "
-                f"set ORDERS_PARTITIONS/RETRY_PARTITIONS to match or use another topic name")
+            log.debug("topic=%s has partitions=%d (configured for creation: %d)", name, existing[name], partitions)
     missing = [name for name in wanted if name not in existing]
     if not missing:
         return []
@@ -75,9 +73,4 @@ def ensure_topics(admin: AdminClient, settings: Settings) -> list[str]:
             if err.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN):
                 raise ServiceUnavailable(f"kafka: {err.str()}") from exc
             raise TopicConfigError(f"cannot create topic {name}: {err.str()}") from exc
-    # A racing creator may have used other counts: check again.
-    existing = partition_counts(admin)
-    for name in missing:
-        if existing.get(name, wanted[name]) != wanted[name]:
-            raise TopicConfigError(f"topic {name} was created with {existing[name]} partitions, not {wanted[name]}")
     return created

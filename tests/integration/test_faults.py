@@ -20,7 +20,7 @@ from workers.settings import Settings
 from workers.store import AggregateStore
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, SupervisedPool, check_invariants, read_topic, stack
+from ..pool import ORDERS, SupervisedPool, check_invariants, read_topic, stack, wait_until
 from .conftest import cleanup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -65,9 +65,24 @@ def test_workers_killed_repeatedly(env, pool, tmp_path):
     check_invariants(env, Settings.from_env(env))
 
 
+# supervisor's program name -> the worker's role and slot (its name: Settings.member)
+WORKER_SLOTS = {"consumer:consumer-0": ("consumer", 0), "consumer:consumer-1": ("consumer", 1),
+                "consumer:consumer-2": ("consumer", 2), "retry:retry-0": ("retry", 0)}
+
+
+def workers_up(pool: SupervisedPool, store: AggregateStore, settings: Settings) -> bool:
+    """Every worker is past its start-up: its heartbeat carries the pid supervisor runs for it."""
+    names = {program: settings.member(*slot) for program, slot in WORKER_SLOTS.items()}
+    beats = store.snapshot(0, workers=list(names.values()))["workers"]
+    return all(beats[name] and beats[name]["pid"] == pool.pid(program) for program, name in names.items())
+
+
 def test_graceful_restart_of_every_program(env, pool, tmp_path):
     load = start_load(env, tmp_path)
-    time.sleep(2)
+    # A SIGTERM that lands while a worker still imports its modules ends it by the
+    # signal's default action (nothing was done yet): restart running workers only.
+    store = AggregateStore(make_redis(Settings.from_env(env)), Settings.from_env(env).redis_prefix)
+    wait_until(lambda: workers_up(pool, store, Settings.from_env(env)), "every worker is up")
     for name in ["consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry:retry-0", "producer",
                  "dlq-viewer"]:
         pool.ctl("restart", name, check=True)

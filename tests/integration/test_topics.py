@@ -4,8 +4,10 @@ import pytest
 from confluent_kafka.admin import NewTopic
 
 from workers.clients import make_admin, wait_for
-from workers.errors import ServiceUnavailable, TopicConfigError
+from workers.errors import ServiceUnavailable
 from workers.topics import ensure_topics, partition_counts
+
+from ..pool import wait_until
 
 
 def test_bootstrap_creates_topics_once(settings):
@@ -19,13 +21,15 @@ def test_bootstrap_creates_topics_once(settings):
     assert ensure_topics(admin, settings) == []  # idempotent: nothing new, nothing touched
 
 
-def test_bootstrap_rejects_a_different_partition_count(settings):
+def test_bootstrap_keeps_an_existing_topics_partition_count(settings):
+    """ORDERS_PARTITIONS only matters when the topic is created: partitions may have been added since."""
     admin = make_admin(settings)
-    admin.create_topics([NewTopic(settings.orders_topic, num_partitions=2, replication_factor=1)])[
+    admin.create_topics([NewTopic(settings.orders_topic, num_partitions=5, replication_factor=1)])[
         settings.orders_topic].result()
-    with pytest.raises(TopicConfigError, match=r"has 2 partitions but 3 are configured"):
-        ensure_topics(admin, settings)
-    assert settings.retry_topic not in partition_counts(admin)  # nothing created after the refusal
+    wait_until(lambda: settings.orders_topic in partition_counts(admin), "the topic is in the metadata")
+    assert sorted(ensure_topics(admin, settings)) == sorted([settings.retry_topic, settings.dlq_topic])
+    counts = partition_counts(admin)
+    assert counts[settings.orders_topic] == 5 and counts[settings.retry_topic] == settings.retry_partitions
 
 
 def test_kafka_down_is_reported_as_unavailable(settings):
