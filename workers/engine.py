@@ -70,7 +70,18 @@ from .logs import printable
 from .processing import Downstream, backoff_ms, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
-from .store import DEAD, RESET, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch, Totals
+from .store import (
+    DEAD,
+    RESET,
+    RETRIED,
+    STATE_AHEAD,
+    STATE_BEHIND,
+    STATE_LOST,
+    AggregateStore,
+    Source,
+    SourceBatch,
+    Totals,
+)
 from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
@@ -621,8 +632,9 @@ class BatchWorker:
             self._total = results[-1].total
         lost = {r.source for r in results if r.status == STATE_LOST}
         behind = {r.source: r.offset for r in results if r.status == STATE_BEHIND}
-        if lost or behind:
-            self._rebuild(lost, behind)
+        ahead = {r.source: r.offset for r in results if r.status == STATE_AHEAD}
+        if lost or behind or ahead:
+            self._rebuild(lost, behind, ahead)
             return
         for batch, result in zip(batches, results, strict=True):
             self.known[batch.source] = result.offset
@@ -716,13 +728,18 @@ class BatchWorker:
                  ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()))
         self._assign()
 
-    def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None) -> None:
+    def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None,
+                 ahead: dict[Source, int] | None = None) -> None:
         for source in lost:
             log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
         for source, stored in (behind or {}).items():
             log.warning("state behind worker=%s source=%s known=%s stored=%s action=rewind",
                         self.name, source, self.known[source], stored)
-        self._rewind(lost, behind)
+        for source, stored in (ahead or {}).items():
+            # Another writer moved R: a zombie that lost the partition, or its previous owner.
+            log.warning("state ahead worker=%s source=%s known=%s stored=%s action=reload_and_replay",
+                        self.name, source, self.known[source], stored)
+        self._rewind(lost, {**(behind or {}), **(ahead or {})})
 
     # -- housekeeping ----------------------------------------------------------------
     def _drop_errors(self, messages: list[Message]) -> list[Message]:

@@ -33,7 +33,12 @@ from .errors import ServiceUnavailable
 # Returns {status, counted, offset, total count, total cents}: status 1 applied;
 # 0 state missing where the worker knew some (Redis lost it: rebuild from the log
 # start); 2 stored offset behind what the worker knew (Redis lost its last writes,
-# e.g. a crash inside the AOF fsync window: rewind to the returned offset).
+# e.g. a crash inside the AOF fsync window: rewind to the returned offset); 3 stored
+# offset ahead of what the worker knew, or state where it knew none: another worker
+# wrote this source since (a zombie that lost the partition, or the partition's
+# previous owner finishing a batch). Nothing is applied; the worker reloads the
+# state (R and the parked records) and replays from min(R, K), so the other writer's
+# decisions are the ones published, whatever this worker would have decided.
 _APPLY = """
 local src, total, hb, replayed, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 redis.call('SET', hb, ARGV[3], 'PX', ARGV[4])
@@ -44,7 +49,8 @@ if not stored then
   stored = -1
 else
   stored = tonumber(stored)
-  if ARGV[1] ~= '' and stored < tonumber(ARGV[1]) then return {2, 0, stored, 0, 0} end
+  if ARGV[1] == '' or stored > tonumber(ARGV[1]) then return {3, 0, stored, 0, 0} end
+  if stored < tonumber(ARGV[1]) then return {2, 0, stored, 0, 0} end
 end
 local counts, cents = {}, {}
 local counted, counted_cents, dead, retried, duplicates = 0, 0, 0, 0, 0
@@ -166,14 +172,14 @@ class SourceBatch:
         self.items.append((offset, kind, 0, record))
 
 
-APPLIED, STATE_LOST, STATE_BEHIND = 1, 0, 2
+APPLIED, STATE_LOST, STATE_BEHIND, STATE_AHEAD = 1, 0, 2, 3
 ADOPTED, SAME, RESET = 0, 1, 2  # ensure_identity
 
 
 @dataclass(frozen=True)
 class ApplyResult:
     source: Source
-    status: int  # APPLIED, STATE_LOST or STATE_BEHIND
+    status: int  # APPLIED, STATE_LOST, STATE_BEHIND or STATE_AHEAD
     counted: int
     offset: int
     total: Totals

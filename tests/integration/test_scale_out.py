@@ -7,7 +7,10 @@ log, and no order is both counted and dead-lettered (tests/pool.py check_exact).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -139,5 +142,29 @@ def test_partitions_added_to_the_live_topic_get_workers_and_are_counted(env, hos
     wait_spread(env, {"host-a", "host-b"}, partitions=PARTITIONS + 4)
     wait_until(lambda: all(p["count"] > 0 for p in stats(env)["partitions"][PARTITIONS:]),
                "orders of the new partitions are counted", timeout=90)
+    finish_load(load)
+    check_exact(env, settings, timeout=180)
+
+
+def test_a_paused_worker_whose_partitions_moved_is_fenced(env, hosts, tmp_path):
+    """A worker is SIGSTOPped past its group session, then continued: a zombie with a batch in flight.
+
+    Its partitions move to the others meanwhile. When it runs again, Kafka fences
+    its transaction (KIP-447: the group's generation in send_offsets_to_transaction)
+    and the batch script refuses its Redis writes where the new owner moved R on
+    (STATE_AHEAD), so nothing it decided is published or counted twice.
+    """
+    settings = Settings.from_env(env)
+    host_a = hosts("host-a")
+    hosts("host-b")
+    wait_spread(env, {"host-a", "host-b"})
+    load = start_load(env, tmp_path)
+    wait_until(lambda: stats(env)["count"] > 2000, "the pool counts under load")
+    zombie = host_a.pid("consumer:consumer-0")
+    os.kill(zombie, signal.SIGSTOP)
+    try:
+        time.sleep(SESSION_S + 8)  # the fault itself: paused past the session, so its partitions move
+    finally:
+        os.kill(zombie, signal.SIGCONT)
     finish_load(load)
     check_exact(env, settings, timeout=180)

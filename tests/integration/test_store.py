@@ -14,6 +14,7 @@ from workers.store import (
     RESET,
     RETRIED,
     SAME,
+    STATE_AHEAD,
     STATE_BEHIND,
     STATE_LOST,
     AggregateStore,
@@ -130,6 +131,17 @@ def test_state_that_went_back_in_time_is_reported(store):
     r = apply(store, SourceBatch(SRC, to_offset=12, known_offset=9, items=[(10, 0, 1, "")]))
     assert (r.status, r.offset) == (STATE_BEHIND, 5)
     assert store.snapshot(1)["total"].count == 1  # nothing applied
+
+
+def test_state_another_writer_moved_is_reported_and_left_alone(store):
+    """R past what the worker knew (or state where it knew none): another worker wrote the source."""
+    apply(store, SourceBatch(SRC, to_offset=8, known_offset=None, items=[(7, 0, 1, "")]))
+    r = apply(store, SourceBatch(SRC, to_offset=12, known_offset=5, items=[(10, 0, 1, "")]))
+    assert (r.status, r.offset) == (STATE_AHEAD, 8)
+    r = apply(store, SourceBatch(SRC, to_offset=12, known_offset=None, items=[(10, 0, 1, "")]))
+    assert (r.status, r.offset) == (STATE_AHEAD, 8)
+    assert store.snapshot(1)["total"].count == 1  # nothing applied
+    assert store.positions([SRC]) == {SRC: 8}
 
 
 def test_decision_records_are_kept_until_kafka_has_them(store):
