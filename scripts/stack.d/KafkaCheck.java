@@ -1,7 +1,10 @@
 // Readiness check of the local Kafka broker, run by scripts/stack (compiled
 // once into .stack/kafka/check, or launched as a single source file) as
-//   java -cp '.stack/kafka/libs/*' KafkaCheck.java BOOTSTRAP [TIMEOUT_SECONDS]
+//   java -cp '.stack/kafka/libs/*' KafkaCheck.java BOOTSTRAP [TIMEOUT_SECONDS [NODE_IDS]]
 //
+// NODE_IDS (comma separated) are the nodes just started: each must be registered
+// and unfenced (listed by DescribeCluster) before the cluster counts as ready,
+// since a node that opened its port may still be catching up with the metadata.
 // An open TCP port is not enough: the application needs metadata, the group
 // coordinator and the transaction coordinator. Asking for each of them also
 // creates __consumer_offsets and __transaction_state now, rather than during
@@ -11,7 +14,10 @@
 // and ListTransactions, which ask every coordinator partition, are retried
 // until they answer without error. Exit status 0 = ready.
 import java.time.Duration;
+import java.util.Arrays;
 import java.util.Properties;
+import java.util.Set;
+import java.util.stream.Collectors;
 import java.util.concurrent.TimeUnit;
 
 import org.apache.kafka.clients.admin.Admin;
@@ -39,6 +45,9 @@ public class KafkaCheck {
         String bootstrap = args[0];
         long timeoutS = args.length > 1 ? Long.parseLong(args[1]) : 60;
         long timeoutMs = TimeUnit.SECONDS.toMillis(timeoutS);
+        Set<Integer> expected = args.length > 2 && !args[2].isEmpty()
+            ? Arrays.stream(args[2].split(",")).map(Integer::valueOf).collect(Collectors.toSet())
+            : Set.of();
 
         long requestMs = Math.min(5000, timeoutMs);
 
@@ -52,18 +61,24 @@ public class KafkaCheck {
 
         Admin admin = Admin.create(a);
         try {
-            int nodes = admin.describeCluster().nodes().get(timeoutMs, TimeUnit.MILLISECONDS).size();
-            System.out.println("kafka-check: metadata ok (" + nodes + " node)");
-            // FindCoordinator(GROUP) -> creates __consumer_offsets if missing.
+            long deadline = System.currentTimeMillis() + timeoutMs;
+            untilOk(deadline, "nodes " + expected + " registered", () -> {
+                Set<Integer> live = admin.describeCluster().nodes().get(requestMs, TimeUnit.MILLISECONDS)
+                    .stream().map(n -> n.id()).collect(Collectors.toSet());
+                if (!live.containsAll(expected)) throw new Exception("registered so far: " + live);
+                System.out.println("kafka-check: +" + since() + " ms: metadata ok (nodes " + live + ")");
+                return null;
+            });
+            // FindCoordinator(GROUP) -> creates __consumer_offsets if missing (with
+            // a replication factor above 1 only once enough nodes are registered).
             admin.listConsumerGroupOffsets("orders-stack-check")
                  .partitionsToOffsetAndMetadata().get(timeoutMs, TimeUnit.MILLISECONDS);
-            System.out.println("kafka-check: group coordinator ok");
-            long deadline = System.currentTimeMillis() + timeoutMs;
+            System.out.println("kafka-check: +" + since() + " ms: group coordinator ok");
             untilOk(deadline, "group coordinator load", () ->
                 admin.listGroups(new ListGroupsOptions().timeoutMs((int) requestMs)).all().get());
             untilOk(deadline, "transaction coordinator load", () ->
                 admin.listTransactions(new ListTransactionsOptions().timeoutMs((int) requestMs)).all().get());
-            System.out.println("kafka-check: coordinators loaded");
+            System.out.println("kafka-check: +" + since() + " ms: coordinators loaded");
         } finally {
             admin.close(Duration.ofSeconds(2));
         }
@@ -91,8 +106,13 @@ public class KafkaCheck {
         } finally {
             producer.close(Duration.ofSeconds(2));
         }
-        System.out.println("kafka-check: transaction coordinator ok");
+        System.out.println("kafka-check: +" + since() + " ms: transaction coordinator ok");
     }
+
+    static final long STARTED = System.currentTimeMillis();
+
+    /** Milliseconds since this check started: which step a slow start spends its time in. */
+    static long since() { return System.currentTimeMillis() - STARTED; }
 
     interface Call { Object run() throws Exception; }
 

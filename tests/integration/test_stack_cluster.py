@@ -1,0 +1,233 @@
+"""The scale-out test bed from ``scripts/stack``: a 3-node Kafka cluster and a 3+3 Redis Cluster.
+
+The module starts a private bed (kafka and redis only) in a temp STACK_DIR on this lane's
+ports + 50 (tests/lanes.py), so it collides neither with the lane's own stack nor with
+another lane's bed, and stops it at the end with the same settings. Faults are injected
+through the script's per-node commands (``kill kafka-1``, ``kill redis-0``, ``start ...``).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from redis.cluster import RedisCluster
+
+from ..lanes import BASE_PORTS, REPO, lane_env, xdist_lane
+from ..pool import STACK, read_topic, stack, wait_until
+
+# Every test of this module in one xdist worker: one bed, not one per worker.
+pytestmark = pytest.mark.xdist_group("stack-cluster")
+
+BED_PORT_SHIFT = 50
+KAFKA_NODES = 3
+REDIS_MASTERS = 3
+REDIS_REPLICAS = 1
+REDIS_NODES = REDIS_MASTERS * (1 + REDIS_REPLICAS)
+NODE_PORT_STEP = 10  # Kafka node i listens on the base ports + 10 * i (scripts/stack)
+
+
+@dataclass
+class Bed:
+    env: dict[str, str]
+    kafka_ports: list[int]
+    redis_ports: list[int]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{port}" for port in self.kafka_ports)
+
+
+def bed_settings(stack_dir: Path) -> dict[str, str]:
+    """This lane's ports + 50, and the cluster sizes; the registry is not started."""
+    lane = lane_env(xdist_lane())
+    ports = {name: str(int(lane.get(name, base)) + BED_PORT_SHIFT) for name, base in BASE_PORTS.items()}
+    return {
+        "STACK_DIR": str(stack_dir),
+        **ports,
+        "KAFKA_NODES": str(KAFKA_NODES),
+        "REDIS_CLUSTER_MASTERS": str(REDIS_MASTERS),
+        "REDIS_CLUSTER_REPLICAS": str(REDIS_REPLICAS),
+        "REDIS_CLUSTER_NODE_TIMEOUT_MS": "3000",
+        "GROUP_SESSION_TIMEOUT_MS": "6000",
+        # 6 partitions, not 50, for the coordinators' topics: half the readiness time on 2 cores.
+        "KAFKA_COORDINATOR_PARTITIONS": "6",
+    }
+
+
+def reuse_kafka_install(stack_dir: Path) -> None:
+    """Link the lane stack's Kafka jars (and compiled readiness check): no second copy."""
+    lane_kafka = Path(os.environ.get("STACK_DIR", REPO / ".stack")) / "kafka"
+    (stack_dir / "kafka").mkdir(parents=True)
+    for name in ("libs", "check"):
+        if (lane_kafka / name).is_dir():
+            (stack_dir / "kafka" / name).symlink_to((lane_kafka / name).resolve())
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    stack_dir = tmp_path_factory.mktemp("cluster-stack")
+    settings = bed_settings(stack_dir)
+    env = {**os.environ, **settings}
+    reuse_kafka_install(stack_dir)
+    kafka_port, redis_port = int(settings["KAFKA_PORT"]), int(settings["REDIS_PORT"])
+    try:
+        stack("start", "kafka", "redis", env=env)
+        yield Bed(env,
+                  kafka_ports=[kafka_port + NODE_PORT_STEP * i for i in range(KAFKA_NODES)],
+                  redis_ports=[redis_port + j for j in range(REDIS_NODES)])
+    finally:
+        stack("down", env=env)
+
+
+def run_stack(bed: Bed, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([STACK, *args], env=bed.env, capture_output=True, text=True, timeout=60)
+
+
+def new_topic(bed: Bed, partitions: int = 3) -> str:
+    """A topic with 3 replicas per partition; returns once every replica is in sync."""
+    topic = f"t-cluster-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bed.bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=3)])[topic].result(30)
+    wait_until(lambda: in_sync(bed, topic) == {p: {1, 2, 3} for p in range(partitions)},
+               f"all 3 replicas of {topic} in sync", timeout=30)
+    return topic
+
+
+def in_sync(bed: Bed, topic: str) -> dict[int, set[int]]:
+    """The in-sync replicas (node ids) of each partition, from any live node's metadata."""
+    admin = AdminClient({"bootstrap.servers": bed.bootstrap})
+    try:
+        meta = admin.list_topics(topic, timeout=10).topics[topic]
+    except KafkaException:
+        return {}
+    return {p.id: set(p.isrs) for p in meta.partitions.values()}
+
+
+def produce_all(bed: Bed, topic: str, values: list[str], **config: str | int | bool) -> None:
+    """Produce with acks=all; fails unless every message is acknowledged."""
+    errors: list[KafkaError] = []
+    producer = Producer({"bootstrap.servers": bed.bootstrap, "acks": "all", "enable.idempotence": True,
+                         **config})
+    for value in values:
+        producer.produce(topic, value.encode(), on_delivery=lambda err, _msg: errors.append(err) if err else None)
+    assert producer.flush(60) == 0
+    assert errors == []
+
+
+def node(bed: Bed, j: int) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=bed.redis_ports[j], decode_responses=True, socket_timeout=3)
+
+
+def cluster_state(bed: Bed, j: int) -> str:
+    return node(bed, j).cluster("info")["cluster_state"]
+
+
+def test_status_and_env_list_every_node(bed: Bed) -> None:
+    status = run_stack(bed, "status")
+    assert status.returncode == 1, status.stdout + status.stderr  # 1: the registry, not started here, is down
+    lines = {line.split()[0]: line for line in status.stdout.splitlines()}
+    for i in range(KAFKA_NODES):
+        assert "running (pid" in lines[f"kafka-{i}"] and f"127.0.0.1:{bed.kafka_ports[i]}" in lines[f"kafka-{i}"]
+    for j in range(REDIS_NODES):
+        line = lines[f"redis-{j}"]
+        assert "running (pid" in line and f"127.0.0.1:{bed.redis_ports[j]}" in line and "cluster_state:ok" in line
+    assert lines["registry"].split()[1] == "down"
+
+    env = run_stack(bed, "env")
+    assert env.returncode == 0
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in env.stdout.splitlines())
+    assert exports["KAFKA_BOOTSTRAP_SERVERS"] == bed.bootstrap
+    assert exports["REDIS_URL"] == f"redis://127.0.0.1:{bed.redis_ports[0]}/0"
+    assert exports["REDIS_CLUSTER"] == "true"
+
+
+def test_brokers_replicate_3_ways_with_2_in_sync_and_short_group_sessions(bed: Bed) -> None:
+    admin = AdminClient({"bootstrap.servers": bed.bootstrap})
+    broker = ConfigResource(ConfigResource.Type.BROKER, "2")
+    configs = admin.describe_configs([broker])[broker].result(30)
+    wanted = {"default.replication.factor": "3", "min.insync.replicas": "2",
+              "offsets.topic.replication.factor": "3", "transaction.state.log.replication.factor": "3",
+              "transaction.state.log.min.isr": "2",
+              "group.consumer.session.timeout.ms": "6000", "group.consumer.min.session.timeout.ms": "6000",
+              "group.min.session.timeout.ms": "6000", "group.consumer.heartbeat.interval.ms": "2000"}
+    assert {name: configs[name].value for name in wanted} == wanted
+    assert sorted(b.id for b in admin.describe_cluster().result(30).nodes) == [1, 2, 3]
+
+
+def test_a_topic_has_3_replicas_and_takes_acks_all_and_transactions(bed: Bed) -> None:
+    topic = new_topic(bed)
+    admin = AdminClient({"bootstrap.servers": bed.bootstrap})
+    meta = admin.list_topics(topic, timeout=10).topics[topic]
+    assert {p.id: sorted(p.replicas) for p in meta.partitions.values()} == {p: [1, 2, 3] for p in range(3)}
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    assert admin.describe_configs([resource])[resource].result(30)["min.insync.replicas"].value == "2"
+
+    produce_all(bed, topic, ["plain-0", "plain-1"])
+    txn = Producer({"bootstrap.servers": bed.bootstrap, "transactional.id": f"{topic}-txn"})
+    txn.init_transactions(60)
+    txn.begin_transaction()
+    txn.produce(topic, b"committed")
+    txn.commit_transaction(60)
+    txn.begin_transaction()
+    txn.produce(topic, b"aborted")
+    txn.abort_transaction(60)
+    assert sorted(m.value() for m in read_topic(bed.bootstrap, topic)) == [b"committed", b"plain-0", b"plain-1"]
+
+
+def test_a_killed_broker_leaves_2_in_sync_replicas_then_rejoins(bed: Bed) -> None:
+    topic = new_topic(bed)
+    stack("kill", "kafka-1", env=bed.env)  # node id 2
+    try:
+        wait_until(lambda: in_sync(bed, topic) == {p: {1, 3} for p in range(3)},
+                   "node 2 out of every partition's in-sync replicas", timeout=30)
+        produce_all(bed, topic, [f"during-{i}" for i in range(20)])
+    finally:
+        stack("start", "kafka-1", env=bed.env)
+    wait_until(lambda: in_sync(bed, topic) == {p: {1, 2, 3} for p in range(3)},
+               "node 2 back in every partition's in-sync replicas", timeout=60)
+    assert len(read_topic(bed.bootstrap, topic)) == 20
+
+
+def test_redis_cluster_fails_over_a_killed_master_and_takes_it_back_as_replica(bed: Bed) -> None:
+    assert all(cluster_state(bed, j) == "ok" for j in range(REDIS_NODES))
+    roles = [node(bed, j).info("replication")["role"] for j in range(REDIS_NODES)]
+    assert roles == ["master"] * REDIS_MASTERS + ["slave"] * (REDIS_NODES - REDIS_MASTERS)
+
+    client = RedisCluster(host="127.0.0.1", port=bed.redis_ports[0], decode_responses=True)
+    keys = {f"order-{i}": str(i) for i in range(300)}
+    for key, value in keys.items():
+        client.set(key, value)
+    assert all(node(bed, j).dbsize() > 0 for j in range(REDIS_MASTERS))  # keys in every master's slots
+    held = set(node(bed, 0).keys("*"))
+    assert node(bed, 0).wait(1, 5000) == 1  # redis-0's replica has all its writes
+    replica = next(j for j in range(REDIS_MASTERS, REDIS_NODES)
+                   if node(bed, j).info("replication")["master_port"] == bed.redis_ports[0])
+
+    stack("kill", "redis-0", env=bed.env)
+    try:
+        wait_until(lambda: node(bed, replica).info("replication")["role"] == "master"
+                   and cluster_state(bed, replica) == "ok", f"redis-{replica} promoted", timeout=30)
+        wait_until(lambda: readable(bed, keys), "every key readable after the failover", timeout=30)
+    finally:
+        stack("start", "redis-0", env=bed.env)
+    wait_until(lambda: node(bed, 0).info("replication").get("master_port") == bed.redis_ports[replica]
+               and node(bed, 0).info("replication")["master_link_status"] == "up",
+               "redis-0 back as the replica of its replacement", timeout=30)
+    assert set(node(bed, 0).keys("*")) == held  # its slots' keys, from AOF and then its new master
+    assert readable(bed, keys)
+
+
+def readable(bed: Bed, keys: dict[str, str]) -> bool:
+    try:
+        client = RedisCluster(host="127.0.0.1", port=bed.redis_ports[1], decode_responses=True)
+        return all(client.get(key) == value for key, value in keys.items())
+    except redis.RedisError:
+        return False
