@@ -31,9 +31,9 @@ LOAD, RATE = 12_000, 800
 # The local broker's group session (scripts/stack GROUP_SESSION_TIMEOUT_MS): a dead
 # member's partitions move after it. The bound on top: `orders status` calls a worker
 # alive for 10 s after its last heartbeat, a new owner beats every 2 s and loads the
-# partition's state first (~1-3 s on two busy cores); 15 s covers that with room.
+# partition's state first (~1-3 s on two busy cores); 20 s covers that with room.
 SESSION_S = 10
-TAKEOVER_BOUND_S = SESSION_S + 15
+TAKEOVER_BOUND_S = SESSION_S + 20
 
 
 @pytest.fixture
