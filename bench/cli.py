@@ -27,9 +27,10 @@ from .report import build_report, render_table
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("ceiling", "pipeline", "failures", "latency", "producer", "naive")
+PARTS = ("ceiling", "pipeline", "failures", "latency", "producer", "naive", "pools")
 BACKLOG_PARTS = {"ceiling", "pipeline", "failures", "naive"}
 CEILING_MIN_REPS = 5
+POOLS_PARTITIONS = 6  # the pools part: 3 workers per pool, so two pools give each worker a partition
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,6 +81,24 @@ def run_parts(args: argparse.Namespace, res: Resources) -> dict:
         env = bench_env("producer")
         res.track(env)
         raw["producer"] = [measure_producer(env, args.producer_orders) for _ in range(args.reps)]
+    if "pools" in args.parts:
+        raw.update(run_pools(args, res))
+    return raw
+
+
+def run_pools(args: argparse.Namespace, res: Resources) -> dict[str, list[dict]]:
+    """One pool, then two (supervisord "hosts" in one consumer group), on a 6-partition backlog,
+    repetitions interleaved. On one machine the two share its cores: this shows the spread is
+    exact and costs little, not a speed-up (docs/scaling.md)."""
+    base = bench_env("pools-backlog", ORDERS_PARTITIONS=str(POOLS_PARTITIONS))
+    total = sum(preproduce(res.track(base), args.orders).values())
+    raw: dict[str, list[dict]] = {}
+    for _ in range(args.reps):
+        for hosts in (1, 2):
+            env = bench_env(f"pools-{hosts}", ORDERS_TOPIC=base["ORDERS_TOPIC"],
+                            ORDERS_PARTITIONS=str(POOLS_PARTITIONS))
+            res.track(env)
+            raw.setdefault(f"pools_{hosts}", []).append(drain(env, total, timeout=120 + total / 2000, hosts=hosts))
     return raw
 
 

@@ -25,8 +25,10 @@ from workers.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
-PARTITION_WORKERS = ("partition-0", "partition-1", "partition-2")
-POOL_WORKERS = (*PARTITION_WORKERS, "retry")
+
+def live_workers(store: AggregateStore, sources: list | tuple = ()) -> dict:
+    """One snapshot of ``sources`` and of every worker with a heartbeat (group members come and go)."""
+    return store.snapshot(0, sources=sources, workers=store.worker_names())
 
 
 def bench_env(name: str, **extra: str) -> dict[str, str]:

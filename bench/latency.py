@@ -28,7 +28,7 @@ from workers.latency import merge
 from workers.settings import Settings
 from workers.store import AggregateStore
 
-from .common import PARTITION_WORKERS, kill_leftovers, process_times
+from .common import kill_leftovers, live_workers, process_times
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,12 @@ class Histograms:
 
     def read(self) -> tuple[int, dict[int, int], int]:
         """(orders counted, merged buckets, max_ms) from one snapshot."""
-        snap = self.store.snapshot(0, workers=PARTITION_WORKERS)
+        snap = live_workers(self.store)
         buckets: dict[int, int] = {}
         max_ms = 0
-        for beat in filter(None, snap["workers"].values()):
+        for beat in snap["workers"].values():
+            if not beat or beat.get("role") != "consumer":
+                continue
             for k, v in beat["latency"]["buckets"].items():
                 buckets[int(k)] = buckets.get(int(k), 0) + v
             max_ms = max(max_ms, beat["latency"]["max_ms"])

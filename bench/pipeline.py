@@ -30,7 +30,7 @@ from workers.clients import make_redis
 from workers.settings import Settings
 from workers.store import AggregateStore, Source
 
-from .common import POOL_WORKERS, kill_leftovers
+from .common import kill_leftovers, live_workers
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Watcher(threading.Thread):
         try:
             polls = 0
             while not self.finished.is_set():
-                snap = self.store.snapshot(0, sources=self.sources, workers=POOL_WORKERS)
+                snap = live_workers(self.store, self.sources)
                 self._record(snap["sources"])
                 if polls % RSS_EVERY == 0:
                     self._sample_rss(snap["workers"])
@@ -107,23 +107,34 @@ class Watcher(threading.Thread):
             raise self.error
 
 
-def drain(env: dict, total: int, timeout: float) -> dict:
-    """Start the supervised pool on the backlog and wait until it has handled ``total`` orders."""
+def drain(env: dict, total: int, timeout: float, hosts: int = 1) -> dict:
+    """Start the supervised pool on the backlog and wait until it has handled ``total`` orders.
+
+    With ``hosts`` > 1, that many pools (supervisord instances with their own
+    ORDERS_HOST, as on separate machines) share the backlog through the consumer group.
+    """
     settings = Settings.from_env(env)
     store = AggregateStore(make_redis(settings), settings.redis_prefix)
     watcher = Watcher(store, [Source(settings.orders_topic, p) for p in range(settings.partitions)], total)
     with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
-        pool = SupervisedPool(env, Path(folder))
+        pools = []
+        for n in range(hosts):
+            (Path(folder) / str(n)).mkdir()
+            host_env = {**env, "ORDERS_HOST": f"bench-host-{n}"} if hosts > 1 else env
+            pools.append(SupervisedPool(host_env, Path(folder) / str(n)))
         watcher.start()
         try:
-            pool.start()
+            for pool in pools:
+                pool.start()
             watcher.wait(timeout)
         except BaseException:
-            log.error("pool logs:\n%s", pool.logs())
+            for pool in pools:
+                log.error("pool logs:\n%s", pool.logs())
             raise
         finally:
             watcher.finished.set()
-            pool.stop()
+            for pool in pools:
+                pool.stop()
             kill_leftovers(watcher.processes)
     return summarise(watcher, settings.failure_rate)
 

@@ -23,6 +23,9 @@ ROWS: dict[str, tuple[str, str, str | None, Callable[[float], bool] | None]] = {
     "naive_orders_per_s": ("naive tutorial worker, 3 procs", "/s", None, None),
     "pipeline_to_naive": ("pipeline / naive", "x", None, None),
     "rss_peak_mb_max": ("worker RSS peak, highest worker", "MB", "<= 100 MB", lambda v: v <= 100),
+    "pools_1_orders_per_s": ("pools: 1 pool x 3 workers, 6 partitions", "/s", None, None),
+    "pools_2_orders_per_s": ("pools: 2 pools x 3 workers, same machine", "/s", None, None),
+    "pools_2_to_1": ("2 pools / 1 pool (one 2-core machine: no speed-up)", "x", None, None),
 }
 
 
@@ -66,6 +69,10 @@ def build_report(raw: dict, meta: dict) -> dict:
         f.median_of("bare_producer_per_s", [r["bare_per_s"] for r in raw["producer"]])
     if "naive" in raw:
         f.median_of("naive_orders_per_s", raw["naive"])
+    for hosts in (1, 2):
+        if f"pools_{hosts}" in raw:
+            f.median_of(f"pools_{hosts}_orders_per_s", [r["orders_per_s"] for r in raw[f"pools_{hosts}"]])
+    f.ratio("pools_2_to_1", "pools_2_orders_per_s", "pools_1_orders_per_s", paired=True)
     f.ratio("pipeline_to_ceiling", "pipeline_orders_per_s", "ceiling_orders_per_s")
     f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s", paired=True)
     f.ratio("producer_to_bare", "producer_orders_per_s", "bare_producer_per_s", paired=True)

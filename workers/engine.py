@@ -277,6 +277,7 @@ class BatchWorker:
         self.topic_ids: dict[str, str] = {}
         self._partitions: dict[str, int] = {}  # of the orders and retry topics: which keys the state has
         self._offsets_refresh_at = time.monotonic() + settings.offsets_refresh_s
+        self._released = False  # partitions were revoked or lost during the current poll
         self._last_touch = 0.0
         self._last_commit = time.monotonic()
         self._counted_since_log = 0
@@ -318,8 +319,12 @@ class BatchWorker:
         self.start()
         try:
             while not self.stop():
+                self._released = False
                 messages = self.poll()
                 messages = self._drop_errors(messages)
+                if self._released:
+                    # A revoke inside this poll: drop what it returned of partitions no longer ours.
+                    messages = [m for m in messages if source_of(m) in self.position]
                 if messages:
                     plan = self.plan(messages)
                     if plan.batches or plan.out:
@@ -391,6 +396,7 @@ class BatchWorker:
             self._rewind()
 
     def _release(self, gone: Set[Source]) -> None:
+        self._released = True
         self.sources = [s for s in self.sources if s not in gone]
         kept: list[dict] = [self.position, self.known, self.committed, self.records, self.published,
                             self._published_end]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
 import time
@@ -56,7 +57,9 @@ def test_quick_benchmark_reports_every_figure_and_cleans_up(tmp_path):
     for name, value in figures.items():
         assert isinstance(value, (int, float)) and not isinstance(value, bool), name
         assert math.isfinite(value) and value > 0, f"{name}={value}"
-    assert set(report["rss_peak_mb"]) == {"partition-0", "partition-1", "partition-2", "retry"}
+    host = socket.gethostname()
+    assert set(report["rss_peak_mb"]) == {f"{host}-consumer-0", f"{host}-consumer-1", f"{host}-consumer-2",
+                                          f"{host}-retry-0"}
     assert "figure" in run.stdout and "pipeline / ceiling" in run.stdout  # the table
 
     assert_cleaned_up(report["meta"]["created"], started)

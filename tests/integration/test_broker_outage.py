@@ -306,5 +306,6 @@ def test_transaction_in_flight_when_the_broker_stops(driver_env, mode, tmp_path:
         driver.kill()
         if restarted:
             restarted.kill()
-    group = settings.group_id("partition-0")
-    assert uncommitted(settings, {group: consumed_ends(settings)[group]}) == []
+    group = settings.group_id("partition-0")  # the driver pins partition 0 (explicit assignment)
+    ends = {s: end for s, end in consumed_ends(settings)[settings.group_id("workers")].items() if s.partition == 0}
+    assert uncommitted(settings, {group: ends}) == []

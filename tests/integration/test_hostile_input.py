@@ -56,6 +56,9 @@ class Workers:
         self.folder = folder
         self.roles = {f"partition-{p}": ["consume", "--partition", str(p)] for p in range(partitions)}
         self.roles["retry"] = ["retry"]
+        # The name each logs as: a pinned worker its partition, the retry worker its group membership.
+        self.names = {role: role for role in self.roles}
+        self.names["retry"] = Settings.from_env(env).member("retry", 0)
         self.procs: dict[str, subprocess.Popen] = {}
 
     def log_path(self, role: str) -> Path:
@@ -78,7 +81,7 @@ class Workers:
             for role in list(pending):
                 if self.procs[role].poll() is not None:
                     raise AssertionError(f"{role} exited with {self.procs[role].returncode}:\n{self.logs()}")
-                if f"start worker={role} " in self.log(role):
+                if f"start worker={self.names[role]} " in self.log(role):
                     pending.discard(role)
             time.sleep(0.2)
         if pending:

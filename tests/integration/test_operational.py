@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import NewTopic
 
-from workers.clients import make_admin
 from workers.settings import Settings
 
 from ..conftest import isolated_env
@@ -121,16 +119,6 @@ def test_registry_outage_stalls_instead_of_dead_lettering(env, tmp_path):
         wait_count(env, 30)
     finally:
         assert worker.stop() == 0
-
-
-def test_wrong_partition_count_is_an_unrecoverable_one_line_error(env):
-    settings = Settings.from_env(env)
-    admin = make_admin(settings)  # keep a reference: the future needs a live client
-    admin.create_topics([NewTopic(settings.orders_topic, 2, 1)])[settings.orders_topic].result()
-    result = run_orders(env, "consume", "--partition", "0", check=False, timeout=60)
-    assert result.returncode == 1
-    assert f"error: topic {settings.orders_topic} has 2 partitions but 3 are configured" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_partition_the_topic_does_not_have_is_refused(env):

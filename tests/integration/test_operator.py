@@ -6,6 +6,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import time
 
 import pytest
@@ -57,7 +58,9 @@ def test_status_dlq_summary_and_replay(env, tmp_path):
 
         status = status_json(env)
         assert status["pool"] == {"state": "running", "manager": "supervisor", "workers_alive": 4,
-                                  "workers_expected": 4}
+                                  "hosts": [socket.gethostname()], "partitions_owned": 3, "partitions": 3}
+        owners = {part["owner"] for part in status["partitions"]}
+        assert owners <= {settings.member("consumer", slot) for slot in range(3)}  # the group spread them
         assert status["dlq"]["size"] == len(truth.expected_dead)
         assert status["global"]["count"] == truth.count
         for part in status["partitions"]:
