@@ -28,6 +28,7 @@ T = TypeVar("T")
 RedisClient = redis.Redis | RedisCluster
 # What redis-py says when no node of a cluster answers (an outage, not a configuration error).
 CLUSTER_UNREACHABLE = "Redis Cluster cannot be connected"
+_NOT_A_CLUSTER = "Cluster mode is not enabled"  # ...and what it says when the node is a single server
 
 # librdkafka settings a role may not have overridden from the environment,
 # because the exactly-once design depends on them.
@@ -133,7 +134,7 @@ def make_redis(settings: Settings) -> RedisClient:
         return RedisCluster.from_url(settings.redis_url, **options)
     except RedisClusterException as exc:
         reason = _without_secrets(str(exc), settings)
-        if CLUSTER_UNREACHABLE in reason:
+        if CLUSTER_UNREACHABLE in reason and _NOT_A_CLUSTER not in reason:
             raise ServiceUnavailable(f"redis: {reason}") from exc
         raise ConfigError(f"cannot use {redact_url(settings.redis_url)} as a Redis Cluster: {reason}") from exc
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:

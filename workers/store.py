@@ -314,6 +314,10 @@ class AggregateStore:
         self._registered: set[Source] = set()  # the sources registry, as last read
 
     # -- keys ----------------------------------------------------------------
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
     def _key(self, *parts: object) -> str:
         return ":".join([f"{{{self._prefix}}}", *map(str, parts)])
 
@@ -395,7 +399,7 @@ class AggregateStore:
               now_ms: int) -> list[ApplyResult]:
         """Apply every source's batch in one round trip (plus the replay claims, if any)."""
         with _outage_is_unavailable():
-            duplicates = self._claim_replays(batches)
+            duplicates = self.claim_replays(batches)
             commands: list[tuple] = [("SET", self.heartbeat_key(worker), json.dumps(heartbeat),
                                       "PX", HEARTBEAT_TTL_MS)]
             new = [str(b.source) for b in batches if b.known_offset is None]
@@ -412,12 +416,14 @@ class AggregateStore:
         return [ApplyResult(batch.source, int(status), int(counted), int(offset))
                 for batch, (status, counted, offset) in zip(batches, replies, strict=True)]
 
-    def _claim_replays(self, batches: Sequence[SourceBatch]) -> set[tuple[int, int]]:
+    def claim_replays(self, batches: Sequence[SourceBatch]) -> set[tuple[int, int]]:
         """Claim the orderId of each counted replay; return those (batch, item) another copy counts.
 
-        Round trip 1 claims (SET NX, then GET the owner) and reads the registry;
-        round trip 2 reads every source's R and replayed hash; a third moves
-        claims that are stale or were lost (see the module docstring).
+        The first step of ``apply`` (public so that a test can crash between the
+        two). Round trip 1 claims (SET NX, then GET the owner) and reads the
+        registry; round trip 2 reads every source's R and replayed hash; a third
+        moves claims that are stale or were lost (see the module docstring).
+        Offsets below the batch's known R are left out: the batch script skips them.
         """
         replays = [_Replay(i, j, batch.source, offset, tag)
                    for i, batch in enumerate(batches)
@@ -425,6 +431,10 @@ class AggregateStore:
                    if target >= 0 and tag and offset >= (batch.known_offset or 0)]
         if not replays:
             return set()
+        with _outage_is_unavailable():
+            return self._claim(replays)
+
+    def _claim(self, replays: list[_Replay]) -> set[tuple[int, int]]:
         claims: list[tuple] = [("SMEMBERS", self.sources_key)]
         for r in replays:
             claims += [("SET", self.claim_key(r.order_id), r.me, "NX"), ("GET", self.claim_key(r.order_id))]
