@@ -229,9 +229,12 @@ class SourceBatch:
     known_offset: int | None  # the offset the worker last saw stored; None: no state
     items: list[tuple[int, int, int, str]] = field(default_factory=list)
     committed_offset: int | None = None  # K: decision records below it are dropped
+    has_replays: bool = False  # a replayed order is counted: its orderId is claimed first
 
     def count(self, offset: int, target: int, cents: int, replay_of: str = "") -> None:
         self.items.append((offset, target, cents, replay_of))
+        if replay_of:
+            self.has_replays = True
 
     def park(self, offset: int, kind: int, record: str = "") -> None:
         """Record a dead-lettered (DEAD) or retried (RETRIED) message.
@@ -408,10 +411,13 @@ class AggregateStore:
             for i, batch in enumerate(batches):
                 known = "" if batch.known_offset is None else batch.known_offset
                 committed = "" if batch.committed_offset is None else batch.committed_offset
-                items = json.dumps([(offset, _DUPLICATE if (i, j) in duplicates else target, cents, tag)
-                                    for j, (offset, target, cents, tag) in enumerate(batch.items)])
+                items = batch.items
+                if duplicates:  # rare: only batches with replays pay for this
+                    items = [(offset, _DUPLICATE if (i, j) in duplicates else target, cents, tag)
+                             for j, (offset, target, cents, tag) in enumerate(items)]
                 commands.append(self._script("apply", self._state_keys(batch.source),
-                                             [known, batch.to_offset, now_ms, items, committed, self._identity]))
+                                             [known, batch.to_offset, now_ms, json.dumps(items), committed,
+                                              self._identity]))
             replies = self._run(commands)[-len(batches):] if batches else []
         return [ApplyResult(batch.source, int(status), int(counted), int(offset))
                 for batch, (status, counted, offset) in zip(batches, replies, strict=True)]
@@ -426,7 +432,7 @@ class AggregateStore:
         Offsets below the batch's known R are left out: the batch script skips them.
         """
         replays = [_Replay(i, j, batch.source, offset, tag)
-                   for i, batch in enumerate(batches)
+                   for i, batch in enumerate(batches) if batch.has_replays
                    for j, (offset, target, _, tag) in enumerate(batch.items)
                    if target >= 0 and tag and offset >= (batch.known_offset or 0)]
         if not replays:
