@@ -368,7 +368,7 @@ class AggregateStore:
     def _cluster(self) -> bool:
         return isinstance(self._client(), RedisCluster)
 
-    def _run(self, commands: Sequence[tuple], consistent: bool = False) -> list:
+    def _run(self, commands: Sequence[tuple], consistent: bool = False, load_scripts: bool = True) -> list:
         """Run ``commands`` (argument tuples) in one pipeline and return their replies.
 
         A cluster pipeline sends each node its commands at once. ``consistent``
@@ -384,10 +384,10 @@ class AggregateStore:
             pipe.execute_command(*args)
         replies = pipe.execute(raise_on_error=False)
         again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if again:
+        if again and load_scripts:
             for text, _ in self._scripts.values():
                 client.script_load(text)  # on every primary of a cluster
-            for i, reply in zip(again, self._run([commands[i] for i in again]), strict=True):
+            for i, reply in zip(again, self._run([commands[i] for i in again], load_scripts=False), strict=True):
                 replies[i] = reply
         for reply in replies:
             if isinstance(reply, Exception):

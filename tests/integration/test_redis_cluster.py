@@ -8,6 +8,7 @@ replay claim and the batch.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -48,19 +49,23 @@ ORDERS = [Source("orders", p) for p in range(3)]
 RETRY = [Source("orders-retry", p) for p in range(3)]
 
 
+# The nodes want a password: the pool's logs must never show it.
+PASSWORD = f"cluster-{uuid.uuid4().hex[:12]}-pw"
+
+
 @dataclass
 class Cluster:
-    """Three redis-server masters in cluster mode, on 127.0.0.1 only."""
+    """Three redis-server masters in cluster mode, on 127.0.0.1 only, with a password."""
 
     ports: list[int]
     procs: list[subprocess.Popen]
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}/0"  # a seed node: the client finds the others
+        return f"redis://:{PASSWORD}@127.0.0.1:{self.ports[0]}/0"  # a seed node: the client finds the others
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=3)
+        return redis.Redis(host="127.0.0.1", port=port, password=PASSWORD, socket_connect_timeout=3)
 
     def holders(self, key: str) -> list[int]:
         """The ports of the nodes that hold ``key``: each node's own keys (SCAN is never redirected)."""
@@ -80,7 +85,7 @@ def _start_node(folder: Path, port: int, bus_port: int) -> subprocess.Popen:
     args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--cluster-enabled", "yes",
             "--cluster-port", str(bus_port), "--cluster-config-file", str(data / "nodes.conf"),
             "--cluster-node-timeout", "5000", "--dir", str(data), "--appendonly", "no", "--save", "",
-            "--daemonize", "no"]
+            "--requirepass", PASSWORD, "--masterauth", PASSWORD, "--daemonize", "no"]
     with open(data / "redis.log", "w") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
@@ -111,7 +116,8 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
                        timeout=20, interval=0.1)
             assert proc.poll() is None, (folder / str(port) / "redis.log").read_text()
         created = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                                  "--cluster-yes"], capture_output=True, text=True, timeout=60)
+                                  "--cluster-yes"], env={**os.environ, "REDISCLI_AUTH": PASSWORD},
+                                 capture_output=True, text=True, timeout=60)
         assert created.returncode == 0, created.stdout + created.stderr
         for port in ports:
             wait_until(partial(_cluster_ok, nodes.node(port)), f"node {port} sees cluster_state:ok",
@@ -130,7 +136,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 
 def spread_prefix(cluster: Cluster, sources: list[Source]) -> str:
     """A fresh key prefix under which ``sources`` each land on another node (the slots follow the prefix)."""
-    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    client = RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=PASSWORD)
     try:
         for _ in range(1000):
             prefix = f"t-cluster-{uuid.uuid4().hex[:8]}"
@@ -400,3 +406,5 @@ def test_supervised_pool_on_a_cluster_counts_exactly_and_replays_once(pool_env, 
         assert sum(p["count"] for p in final["partitions"]) == truth.total
     finally:
         pool.stop()
+    logs = list(tmp_path.rglob("*.log"))
+    assert logs and not [path for path in logs if PASSWORD in path.read_text(errors="replace")]
