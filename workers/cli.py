@@ -21,7 +21,7 @@ from .retry_worker import RetryWorker
 from .serde import OrderSerde, load_schema
 from .settings import Settings
 from .status import StatusReader, render
-from .store import AggregateStore
+from .store import AggregateStore, Source
 from .topics import ensure_topics, partition_counts
 
 log = logging.getLogger("workers")
@@ -51,6 +51,12 @@ def cli(ctx: click.Context) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     logs.configure(ctx.obj.log_level, secrets=ctx.obj.secrets())
+
+
+def _store(settings: Settings) -> AggregateStore:
+    # Connected on first use: a Redis Cluster client connects when it is made, and a
+    # worker started before Redis, or `orders dlq` while Redis is down, must not fail for that.
+    return AggregateStore(lambda: make_redis(settings), settings.redis_prefix)
 
 
 def _serde(settings: Settings, copies: AggregateStore | None = None) -> OrderSerde:
@@ -138,7 +144,7 @@ def _process_manager() -> str:
 
 def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
     log.info("settings %s", settings.describe())
-    store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    store = _store(settings)
     # A group member under KIP-848 (the broker assigns, cooperatively). Not a static
     # member: under KIP-848 a crashed static member's id stays taken until its session
     # expires, and its restart would be refused (UNRELEASED_INSTANCE_ID) until then.
@@ -245,7 +251,7 @@ def dlq(ctx: click.Context, follow: bool, limit: int | None, as_json: bool, summ
     settings: Settings = ctx.obj
     stop = StopFlag().install()
     filters = _filters(error_types, order_ids, since)
-    store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    store = _store(settings)
     replays = _replays_or_empty(store)
     letters = _selected(settings, filters, follow=follow and not summary, stop=stop, group="dlq-viewer")
     if summary:
@@ -287,7 +293,7 @@ def dlq_replay(settings: Settings, error_types, order_ids, since, dry_run: bool,
     """Re-publish the selected dead letters to the orders topic as fresh orders."""
     stop = StopFlag().install()
     filters = _filters(error_types, order_ids, since)
-    store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    store = _store(settings)
     replays = store.replays()
     selected, skipped, references = [], 0, 0
     for letter in _selected(settings, filters, follow=False, stop=stop, group="dlq-replay"):
@@ -327,8 +333,12 @@ def _orders_partitions(settings: Settings) -> int:
 @click.pass_obj
 def stats(settings: Settings, as_json: bool) -> None:
     """Show the global running average and each partition's count and sum."""
-    store = AggregateStore(make_redis(settings), settings.redis_prefix)
-    snap = store.snapshot(_orders_partitions(settings))
+    store = _store(settings)
+    # The configured sources too, should the registry of sources be missing (it is rebuilt by the workers).
+    partitions = _orders_partitions(settings)
+    sources = [Source(settings.orders_topic, p) for p in range(partitions)]
+    sources += [Source(settings.retry_topic, p) for p in range(settings.retry_partitions)]
+    snap = store.snapshot(partitions, sources)
     data = {**snap["total"].as_dict(),
             "partitions": [{"partition": p, **t.as_dict()} for p, t in enumerate(snap["partitions"])]}
     if as_json:
@@ -348,7 +358,7 @@ def stats(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> None:
     """Is the pool healthy? Workers, counts, lag, rates, retries, DLQ, average."""
-    reader = StatusReader(settings, AggregateStore(make_redis(settings), settings.redis_prefix),
+    reader = StatusReader(settings, _store(settings),
                           make_consumer(settings, settings.group_id("status")))
     color = sys.stdout.isatty() and not as_json
     style = click.style if color else (lambda text, **kw: text)

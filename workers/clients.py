@@ -15,6 +15,8 @@ import redis
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from .errors import ConfigError, ServiceUnavailable, StopRequested
 from .settings import Settings, is_sensitive, redact_url
@@ -22,6 +24,11 @@ from .settings import Settings, is_sensitive, redact_url
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+RedisClient = redis.Redis | RedisCluster
+# What redis-py says when no node of a cluster answers (an outage, not a configuration error).
+CLUSTER_UNREACHABLE = "Redis Cluster cannot be connected"
+_NOT_A_CLUSTER = "Cluster mode is not enabled"  # ...and what it says when the node is a single server
 
 # librdkafka settings a role may not have overridden from the environment,
 # because the exactly-once design depends on them.
@@ -111,15 +118,34 @@ def make_registry(settings: Settings) -> SchemaRegistryClient:
     return SchemaRegistryClient(conf)
 
 
-def make_redis(settings: Settings) -> redis.Redis:
-    """A Redis client; connections are made lazily on the first command."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=3,
-        socket_timeout=10,
-        health_check_interval=15,
-        decode_responses=False,
-    )
+def make_redis(settings: Settings) -> RedisClient:
+    """A Redis client: for one server, connections are made lazily on the first command.
+
+    With REDIS_CLUSTER, REDIS_URL names a seed node of a Redis Cluster. redis-py's
+    RedisCluster asks it for the cluster's layout at once, so building one is a
+    connection: ServiceUnavailable if no node answers, ConfigError if the server
+    refuses the cluster client (not in cluster mode, a db other than 0).
+    """
+    options = {"socket_connect_timeout": 3, "socket_timeout": 10, "health_check_interval": 15,
+               "decode_responses": False}
+    if not settings.redis_cluster:
+        return redis.Redis.from_url(settings.redis_url, **options)
+    try:
+        return RedisCluster.from_url(settings.redis_url, **options)
+    except RedisClusterException as exc:
+        reason = _without_secrets(str(exc), settings)
+        if CLUSTER_UNREACHABLE in reason and _NOT_A_CLUSTER not in reason:
+            raise ServiceUnavailable(f"redis: {reason}") from exc
+        raise ConfigError(f"cannot use {redact_url(settings.redis_url)} as a Redis Cluster: {reason}") from exc
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise ServiceUnavailable(f"redis: {_without_secrets(str(exc), settings)}") from exc
+
+
+def _without_secrets(text: str, settings: Settings) -> str:
+    # This message may reach the terminal (`error: ...`), where the log's masking does not apply.
+    for secret in settings.secrets():
+        text = text.replace(secret, "***")
+    return text
 
 
 def wait_for(check: Callable[[], T], what: str, *, deadline_s: float | None = None,

@@ -283,7 +283,6 @@ class BatchWorker:
         self._counted_since_log = 0
         self._batches_since_log = 0
         self._last_log = time.monotonic()
-        self._total: Totals | None = None
         self.latency = LatencyHistogram()
         self.watchdog = Watchdog()
         self.txn = KafkaTransaction(producer, stop=stop, watchdog=self.watchdog)
@@ -634,8 +633,6 @@ class BatchWorker:
         self.latency.record(applied_at - ts for ts in plan.timestamps_ms)
         self._counted_since_log += sum(r.counted for r in results)
         self._batches_since_log += 1
-        if results:
-            self._total = results[-1].total
         lost = {r.source for r in results if r.status == STATE_LOST}
         behind = {r.source: r.offset for r in results if r.status == STATE_BEHIND}
         ahead = {r.source: r.offset for r in results if r.status == STATE_AHEAD}
@@ -798,13 +795,20 @@ class BatchWorker:
         (Per second, not per batch: at tens of thousands of orders/s a line per
         batch is more than a person can follow in ``supervisorctl tail -f``.)
         """
-        total = self._total
+        total = self._global_totals()
         log.info("progress worker=%s batches=%d counted=%d rate_per_s=%.0f lag=%d positions=%s "
                  "global_count=%s global_average=%s",
                  self.name, self._batches_since_log, self._counted_since_log,
                  self._counted_since_log / interval_s, self._lag(),
                  ",".join(f"{s}@{p}" for s, p in self.position.items()),
                  total.count if total else "-", total.average if total else "-")
+
+    def _global_totals(self) -> Totals | None:
+        """The running average for the progress line: merged from every source, read once per line."""
+        try:
+            return self.store.totals()
+        except ServiceUnavailable:
+            return None  # the line shows '-'; the batch loop notices the outage itself
 
     def _lag(self) -> int:
         """Messages behind the log end, from the consumer's cached watermarks (no round trip)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import unquote
@@ -75,6 +75,8 @@ class Settings:
     schema_registry_user_info: str = field(default="", repr=False)
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_prefix: str = "orders"
+    # REDIS_URL names one seed node of a Redis Cluster (redis-py's RedisCluster finds the rest).
+    redis_cluster: bool = False
 
     orders_topic: str = "orders"
     retry_topic: str = "orders-retry"
@@ -146,6 +148,9 @@ class Settings:
             (0 < self.poll_timeout_s <= 1.0, "POLL_TIMEOUT_S must be in (0, 1]"),
             (self.produce_rate >= 0, "PRODUCE_RATE must be >= 0"),
             (self.max_price > 0, "ORDERS_MAX_PRICE must be > 0"),
+            # Braces would end the keys' hash tags early (workers/store.py).
+            (bool(self.redis_prefix) and not {"{", "}"} & set(self.redis_prefix),
+             "REDIS_PREFIX must be non-empty, without { or }"),
             (len({self.orders_topic, self.retry_topic, self.dlq_topic}) == 3,
              "ORDERS_TOPIC, RETRY_TOPIC and DLQ_TOPIC must differ"),
             (self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
@@ -203,6 +208,15 @@ def _url_secrets(url: str) -> list[str]:
     return found + [unquote(v) for v in found]
 
 
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _kafka_extra(env: Mapping[str, str]) -> dict[str, str]:
     extra = {}
     for var, value in env.items():
@@ -214,12 +228,13 @@ def _kafka_extra(env: Mapping[str, str]) -> dict[str, str]:
     return extra
 
 
-_ENV_VARS = {
+_ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", str),
     "schema_registry_url": ("SCHEMA_REGISTRY_URL", str),
     "schema_registry_user_info": ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", str),
     "redis_url": ("REDIS_URL", str),
     "redis_prefix": ("REDIS_PREFIX", str),
+    "redis_cluster": ("REDIS_CLUSTER", _boolean),
     "orders_topic": ("ORDERS_TOPIC", str),
     "retry_topic": ("RETRY_TOPIC", str),
     "dlq_topic": ("DLQ_TOPIC", str),

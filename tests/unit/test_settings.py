@@ -31,10 +31,19 @@ def test_bad_number_names_the_variable():
     ({"ORDERS_PARTITIONS": "0"}, "ORDERS_PARTITIONS"),
     ({"RETRY_TOPIC": "orders"}, "differ"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"REDIS_CLUSTER": "maybe"}, "REDIS_CLUSTER"),
+    ({"REDIS_PREFIX": "a{b}"}, "REDIS_PREFIX"),
 ])
 def test_invalid_values_are_rejected(env, word):
     with pytest.raises(ConfigError, match=word):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize("raw,expected", [("true", True), ("TRUE", True), ("1", True), ("yes", True),
+                                          ("false", False), ("0", False), ("no", False)])
+def test_redis_cluster_is_a_boolean(raw, expected):
+    assert Settings.from_env({"REDIS_CLUSTER": raw}).redis_cluster is expected
+    assert Settings.from_env({}).redis_cluster is False
 
 
 def test_kafka_extras_become_librdkafka_keys():
