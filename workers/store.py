@@ -183,6 +183,23 @@ end
 return current
 """
 
+# ARGV: a MATCH pattern. Deletes every key of this node that it matches in one
+# script, so a worker's batch lands wholly before or wholly after the wipe. (SCAN
+# then DEL from the client is not a wipe: a batch between the two keeps a source it
+# created while the registry entry it added is deleted.) On a cluster it runs on
+# each primary with the flag that lets one script touch that node's many slots
+# (Redis 7); a source lives in one slot, so each source is wiped whole.
+_CLEAR = """
+local cursor, deleted = '0', 0
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do deleted = deleted + redis.call('DEL', key) end
+until cursor == '0'
+return deleted
+"""
+_CLEAR_EACH_NODE = "#!lua flags=allow-cross-slot-keys\n" + _CLEAR
+
 HEARTBEAT_TTL_MS = 15000
 
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
@@ -637,13 +654,13 @@ class AggregateStore:
         pattern = "{" + _glob_escape(self._prefix) + "[:}]*"  # {P}:... and {P:...}...
         with _outage_is_unavailable():
             client = self._client()
-            nodes = ([client.get_redis_connection(n) for n in client.get_primaries()]
-                     if isinstance(client, RedisCluster) else [client])
-            keys = [key for node in nodes for key in node.scan_iter(match=pattern, count=1000)]
-            for start in range(0, len(keys), 1000):
-                self._run([("DEL", key) for key in keys[start:start + 1000]])
+            if isinstance(client, RedisCluster):
+                deleted = sum(int(client.get_redis_connection(node).eval(_CLEAR_EACH_NODE, 0, pattern))
+                              for node in client.get_primaries())
+            else:
+                deleted = int(client.eval(_CLEAR, 0, pattern))
         self._registered = set()
-        return len(keys)
+        return deleted
 
 
 def _text(value: bytes | str) -> str:

@@ -1,5 +1,6 @@
-"""Scale out: several "hosts" (supervisord instances side by side, each with its own
-ORDERS_HOST, run folder and control socket) share a 12-partition topic through
+"""Scale out on the test bed (tests/bed.py: 3 Kafka brokers, a 3-master Redis Cluster with
+a replica each): several "hosts" (supervisord instances side by side, each with its
+own ORDERS_HOST, run folder and control socket) share a 12-partition topic through
 Kafka's consumer groups. Under load, with orders made by the test, every run ends
 exact: count, sum, average and per-partition figures equal the truth read from the
 log, and no order is both counted and dead-lettered (tests/pool.py check_exact).
@@ -20,26 +21,29 @@ from confluent_kafka.admin import NewPartitions
 from workers.clients import make_admin
 from workers.settings import Settings
 
+from ..bed import GROUP_SESSION_S, Bed
 from ..conftest import isolated_env
-from ..pool import ORDERS, SupervisedPool, check_exact, run_orders, stats, wait_until
+from ..pool import ORDERS, SupervisedPool, check_exact, run_orders, stack, stats, wait_until
 from .conftest import cleanup
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
+# One lane runs every test on the bed (tests/integration/conftest.py ``bed``).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480), pytest.mark.xdist_group("cluster-bed")]
 
 PARTITIONS = 12
 LOAD, RATE = 12_000, 800
-# The local broker's group session (scripts/stack GROUP_SESSION_TIMEOUT_MS): a dead
-# member's partitions move after it. The bound on top: `orders status` calls a worker
-# alive for 10 s after its last heartbeat, a new owner beats every 2 s and loads the
-# partition's state first (~1-3 s on two busy cores); 20 s covers that with room.
-SESSION_S = 10
+# The bed's group session: a dead member's partitions move after it. The bound on top:
+# `orders status` calls a worker alive for 10 s after its last heartbeat, a new owner
+# beats every 2 s and loads the partition's state first (~1-3 s on two busy cores);
+# 20 s covers that with room.
+SESSION_S = GROUP_SESSION_S
 TAKEOVER_BOUND_S = SESSION_S + 20
 
 
 @pytest.fixture
-def env() -> Iterator[dict]:
+def env(bed: Bed) -> Iterator[dict]:
     env = isolated_env("scale", ORDERS_PARTITIONS=str(PARTITIONS), RETRY_PARTITIONS="4",
-                       ORDERS_FAILURE_RATE="0.2", RETRY_BACKOFF_MS="200", PRODUCE_RATE="0.001")
+                       ORDERS_FAILURE_RATE="0.2", RETRY_BACKOFF_MS="200", PRODUCE_RATE="0.001",
+                       **bed.pool_env)
     yield env
     cleanup(Settings.from_env(env))
 
@@ -166,5 +170,64 @@ def test_a_paused_worker_whose_partitions_moved_is_fenced(env, hosts, tmp_path):
         time.sleep(SESSION_S + 8)  # the fault itself: paused past the session, so its partitions move
     finally:
         os.kill(zombie, signal.SIGCONT)
+    finish_load(load)
+    check_exact(env, settings, timeout=180)
+
+
+def counted(env: dict) -> int:
+    """The global count, or -1 while `orders stats` cannot read it (a server failing over)."""
+    result = run_orders(env, "stats", "--json", check=False)
+    return json.loads(result.stdout)["count"] if result.returncode == 0 else -1
+
+
+def group_coordinator(settings: Settings) -> int:
+    """The node id of the broker that coordinates the partition workers' consumer group."""
+    group = settings.group_id("workers")
+    description = make_admin(settings).describe_consumer_groups([group])[group].result(30)
+    return int(description.coordinator.id)
+
+
+def test_a_killed_broker_comes_back(env, hosts, bed, tmp_path):
+    """The broker coordinating the workers' group is SIGKILLed mid-run, then restarted.
+
+    With 3 replicas and min.insync.replicas=2 the pool keeps counting on the other two
+    (group and transaction coordinators move), and the run ends exact.
+    """
+    settings = Settings.from_env(env)
+    hosts("host-a")
+    hosts("host-b")
+    wait_spread(env, {"host-a", "host-b"})
+    load = start_load(env, tmp_path)
+    wait_until(lambda: stats(env)["count"] > 2000, "the pool counts under load")
+    node = f"kafka-{group_coordinator(settings) - 1}"  # node ids start at 1 (scripts/stack)
+    before = stats(env)["count"]
+    stack("kill", node, env=bed.env)
+    try:
+        wait_until(lambda: counted(env) > before + 1000, f"the pool counts with {node} down", timeout=120)
+    finally:
+        stack("start", node, env=bed.env)
+    finish_load(load)
+    check_exact(env, settings, timeout=180)
+
+
+def test_a_killed_redis_master_fails_over(env, hosts, bed, tmp_path):
+    """A Redis Cluster master is SIGKILLed mid-run; its replica takes over its slots.
+
+    Replication is asynchronous, so the replica may lack the master's last writes:
+    a source whose state is behind its committed Kafka offsets is rebuilt from the
+    log (README Guarantees), and the run ends exact.
+    """
+    settings = Settings.from_env(env)
+    hosts("host-a")
+    hosts("host-b")
+    wait_spread(env, {"host-a", "host-b"})
+    load = start_load(env, tmp_path)
+    wait_until(lambda: stats(env)["count"] > 2000, "the pool counts under load")
+    before = stats(env)["count"]
+    stack("kill", "redis-0", env=bed.env)
+    try:
+        wait_until(lambda: counted(env) > before + 1000, "the pool counts after the failover", timeout=120)
+    finally:
+        stack("start", "redis-0", env=bed.env)
     finish_load(load)
     check_exact(env, settings, timeout=180)

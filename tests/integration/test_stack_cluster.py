@@ -1,18 +1,12 @@
-"""The scale-out test bed from ``scripts/stack``: a 3-node Kafka cluster and a 3+3 Redis Cluster.
+"""The scale-out test bed (tests/bed.py): a 3-node Kafka cluster and a 3+3 Redis Cluster.
 
-The module starts a private bed (kafka and redis only) in a temp STACK_DIR on this lane's
-ports + 50 (tests/lanes.py), so it collides neither with the lane's own stack nor with
-another lane's bed, and stops it at the end with the same settings. Faults are injected
-through the script's per-node commands (``kill kafka-1``, ``kill redis-0``, ``start ...``).
+Faults are injected through the script's per-node commands (``kill kafka-1``,
+``kill redis-0``, ``start ...``).
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import redis
@@ -20,71 +14,11 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from redis.cluster import RedisCluster
 
-from ..lanes import BASE_PORTS, REPO, lane_env, xdist_lane
+from ..bed import KAFKA_NODES, REDIS_MASTERS, REDIS_NODES, Bed
 from ..pool import STACK, read_topic, stack, wait_until
 
-# Every test of this module in one xdist worker: one bed, not one per worker.
-pytestmark = pytest.mark.xdist_group("stack-cluster")
-
-BED_PORT_SHIFT = 50
-KAFKA_NODES = 3
-REDIS_MASTERS = 3
-REDIS_REPLICAS = 1
-REDIS_NODES = REDIS_MASTERS * (1 + REDIS_REPLICAS)
-NODE_PORT_STEP = 10  # Kafka node i listens on the base ports + 10 * i (scripts/stack)
-
-
-@dataclass
-class Bed:
-    env: dict[str, str]
-    kafka_ports: list[int]
-    redis_ports: list[int]
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(f"127.0.0.1:{port}" for port in self.kafka_ports)
-
-
-def bed_settings(stack_dir: Path) -> dict[str, str]:
-    """This lane's ports + 50, and the cluster sizes; the registry is not started."""
-    lane = lane_env(xdist_lane())
-    ports = {name: str(int(lane.get(name, base)) + BED_PORT_SHIFT) for name, base in BASE_PORTS.items()}
-    return {
-        "STACK_DIR": str(stack_dir),
-        **ports,
-        "KAFKA_NODES": str(KAFKA_NODES),
-        "REDIS_CLUSTER_MASTERS": str(REDIS_MASTERS),
-        "REDIS_CLUSTER_REPLICAS": str(REDIS_REPLICAS),
-        "REDIS_CLUSTER_NODE_TIMEOUT_MS": "3000",
-        "GROUP_SESSION_TIMEOUT_MS": "6000",
-        # 6 partitions, not 50, for the coordinators' topics: half the readiness time on 2 cores.
-        "KAFKA_COORDINATOR_PARTITIONS": "6",
-    }
-
-
-def reuse_kafka_install(stack_dir: Path) -> None:
-    """Link the lane stack's Kafka jars (and compiled readiness check): no second copy."""
-    lane_kafka = Path(os.environ.get("STACK_DIR", REPO / ".stack")) / "kafka"
-    (stack_dir / "kafka").mkdir(parents=True)
-    for name in ("libs", "check"):
-        if (lane_kafka / name).is_dir():
-            (stack_dir / "kafka" / name).symlink_to((lane_kafka / name).resolve())
-
-
-@pytest.fixture(scope="module")
-def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    stack_dir = tmp_path_factory.mktemp("cluster-stack")
-    settings = bed_settings(stack_dir)
-    env = {**os.environ, **settings}
-    reuse_kafka_install(stack_dir)
-    kafka_port, redis_port = int(settings["KAFKA_PORT"]), int(settings["REDIS_PORT"])
-    try:
-        stack("start", "kafka", "redis", env=env)
-        yield Bed(env,
-                  kafka_ports=[kafka_port + NODE_PORT_STEP * i for i in range(KAFKA_NODES)],
-                  redis_ports=[redis_port + j for j in range(REDIS_NODES)])
-    finally:
-        stack("down", env=env)
+# Every test on the bed in one xdist worker: one bed, not one per worker.
+pytestmark = pytest.mark.xdist_group("cluster-bed")
 
 
 def run_stack(bed: Bed, *args: str) -> subprocess.CompletedProcess:
