@@ -56,7 +56,10 @@ def test_quick_benchmark_reports_every_figure_and_cleans_up(tmp_path):
     for name, value in figures.items():
         assert isinstance(value, (int, float)) and not isinstance(value, bool), name
         assert math.isfinite(value) and value > 0, f"{name}={value}"
-    assert set(report["rss_peak_mb"]) == {"partition-0", "partition-1", "partition-2", "retry"}
+    # Every partition worker's RSS was sampled; the retry worker's only if it had beaten before a
+    # quick drain ended (a clean-clone run saw it still starting).
+    assert {"partition-0", "partition-1", "partition-2"} <= set(report["rss_peak_mb"]) <= {
+        "partition-0", "partition-1", "partition-2", "retry"}
     assert "figure" in run.stdout and "pipeline / ceiling" in run.stdout  # the table
 
     assert_cleaned_up(report["meta"]["created"], started)
