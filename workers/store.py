@@ -121,6 +121,20 @@ for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return {status, stored}
 """
 
+# ARGV: a MATCH pattern. Deletes every key it matches in one script, so a worker's
+# batch lands wholly before or wholly after the wipe. (SCAN then DEL from the client
+# is not a wipe: a batch between the two keeps the source offset it created and
+# loses the totals it added to, and no worker can tell.) Returns how many it deleted.
+_CLEAR = """
+local cursor, deleted = '0', 0
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do deleted = deleted + redis.call('DEL', key) end
+until cursor == '0'
+return deleted
+"""
+
 HEARTBEAT_TTL_MS = 15000
 
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
@@ -208,6 +222,7 @@ class AggregateStore:
         self._apply = client.register_script(_APPLY)
         self._touch = client.register_script(_TOUCH)
         self._identity = client.register_script(_IDENTITY)
+        self._clear = client.register_script(_CLEAR)
 
     # -- keys ----------------------------------------------------------------
     def _key(self, *parts: object) -> str:
@@ -396,14 +411,11 @@ class AggregateStore:
         return _text(kept) if kept is not None else None
 
     def clear(self) -> int:
-        """Delete every key under this prefix (tests and `orders reset`)."""
+        """Delete every key under this prefix at once (tests and `orders reset`); returns how many."""
         try:
-            keys = list(self._redis.scan_iter(match=f"{{{self._prefix}}}:*", count=1000))
-            if keys:
-                self._redis.delete(*keys)
+            return int(self._clear(args=[f"{{{self._prefix}}}:*"]))
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
-        return len(keys)
 
 
 def _text(value: bytes | str) -> str:
