@@ -441,6 +441,8 @@ class BatchWorker:
                     for s in sources}
         except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+        if any(end < 0 for end in ends.values()):  # unknown: never mistake it for an empty partition
+            raise ServiceUnavailable(f"kafka: end offsets not known yet: {ends}")
         self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
         self._partitions = {name: len(d.partitions) for name, d in described.items() if name != self.settings.dlq_topic}
         self._ensure_identity(force=False)
@@ -727,8 +729,10 @@ class BatchWorker:
         # transaction never published them): read them all again.
         self.records = wait_for(lambda: self.store.decision_records(self.sources), "redis", should_stop=self.stop)
         wait_for(lambda: self._resume(self.sources), "kafka (log of record)", should_stop=self.stop)
-        log.info("rewind worker=%s positions=%s", self.name,
-                 ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()))
+        log.info("rewind worker=%s positions=%s committed=%s published=%s", self.name,
+                 ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()),
+                 ",".join(f"{s}@{k}" for s, k in self.committed.items()),
+                 ",".join(f"{s}:{len(p)}" for s, p in self.published.items()))
         self._assign()
 
     def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None,

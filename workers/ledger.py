@@ -38,9 +38,11 @@ def published_decisions(make_consumer: Callable[[], Consumer], settings: Setting
     found: Published = {s: {} for s in sources}
     started = time.monotonic()
     consumer = make_consumer()
+    read = 0
     try:
         for topic, kind in ((settings.retry_topic, RETRIED), (settings.dlq_topic, DEAD)):
             for msg in _read_to_end(consumer, topic):
+                read += 1
                 origin = parked_from(header_dict(msg.headers()), settings.orders_topic)
                 if origin is not None:
                     source = Source(origin[0], origin[1])
@@ -48,8 +50,8 @@ def published_decisions(make_consumer: Callable[[], Consumer], settings: Setting
                         found[source][origin[2]] = kind
     finally:
         consumer.close()
-    log.info("read the log of record sources=%s parked=%d seconds=%.1f", ",".join(map(str, sources)),
-             sum(len(v) for v in found.values()), time.monotonic() - started)
+    log.info("read the log of record sources=%s read=%d parked=%d seconds=%.1f", ",".join(map(str, sources)),
+             read, sum(len(v) for v in found.values()), time.monotonic() - started)
     return found
 
 
@@ -63,6 +65,9 @@ def _read_to_end(consumer: Consumer, topic: str) -> Iterator[Message]:
         ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
     except KafkaException as exc:
         raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    # A read that ends early would take parked offsets for counted ones: never guess.
+    if not parts or any(end < 0 for end in ends.values()):
+        raise ServiceUnavailable(f"kafka: the end offsets of {topic} are not known yet ({ends})")
     pending = {p for p, end in ends.items() if end > 0}
     if not pending:
         return

@@ -58,8 +58,10 @@ def test_quick_benchmark_reports_every_figure_and_cleans_up(tmp_path):
         assert isinstance(value, (int, float)) and not isinstance(value, bool), name
         assert math.isfinite(value) and value > 0, f"{name}={value}"
     host = socket.gethostname()
-    assert set(report["rss_peak_mb"]) == {f"{host}-consumer-0", f"{host}-consumer-1", f"{host}-consumer-2",
-                                          f"{host}-retry-0"}
+    # Every partition worker's RSS was sampled; the retry worker's only if it had beaten before a
+    # quick drain ended (a clean-clone run saw it still starting).
+    consumers = {f"{host}-consumer-{n}" for n in range(3)}
+    assert consumers <= set(report["rss_peak_mb"]) <= consumers | {f"{host}-retry-0"}
     assert "figure" in run.stdout and "pipeline / ceiling" in run.stdout  # the table
 
     assert_cleaned_up(report["meta"]["created"], started)
