@@ -420,9 +420,9 @@ class BatchWorker:
                         self.name, ",".join(f"{s}@{r}" for s, r in past_end.items()),
                         ",".join(f"{s}@{ends[s]}" for s in past_end))
             self._ensure_identity(force=True)
-            stored = self.store.positions(sources)
         committed = self._committed_offsets(sources, ends)
-        self.records.update(self.store.decision_records(sources))
+        stored, records = self.store.state(sources)  # R and its records at one instant
+        self.records.update(records)
         for source in sources:
             self.known[source], self.committed[source] = stored[source], committed[source]
         self._resume(sources)
@@ -726,14 +726,31 @@ class BatchWorker:
         for source, stored in (behind or {}).items():
             self.known[source] = stored
         # The decisions parked since the last read are in Redis only (the aborted
-        # transaction never published them): read them all again.
-        self.records = wait_for(lambda: self.store.decision_records(self.sources), "redis", should_stop=self.stop)
+        # transaction never published them): read them all again, with each
+        # source's R at the same instant. A source whose state went (or moved)
+        # since its last batch is rebuilt from what Redis has now; resuming from
+        # the R remembered would skip the decisions that were lost with it.
+        in_redis, self.records = wait_for(lambda: self.store.state(self.sources), "redis", should_stop=self.stop)
+        self._take_stored_state(in_redis)
         wait_for(lambda: self._resume(self.sources), "kafka (log of record)", should_stop=self.stop)
         log.info("rewind worker=%s positions=%s committed=%s published=%s", self.name,
                  ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()),
                  ",".join(f"{s}@{k}" for s, k in self.committed.items()),
                  ",".join(f"{s}:{len(p)}" for s, p in self.published.items()))
         self._assign()
+
+    def _take_stored_state(self, stored: dict[Source, int | None]) -> None:
+        """Take R as Redis has it where it differs from what the worker knew."""
+        for source, r in stored.items():
+            known = self.known.get(source)
+            if r == known:
+                continue
+            if r is None:
+                log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
+            else:
+                log.warning("state moved worker=%s source=%s known=%s stored=%s action=rewind",
+                            self.name, source, known, r)
+            self.known[source] = r
 
     def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None,
                  ahead: dict[Source, int] | None = None) -> None:

@@ -183,6 +183,12 @@ end
 return current
 """
 
+# KEYS: source, parked records (one slot). Returns {R or false, the records with
+# their offsets}: read at one instant, so records and the R they belong to agree.
+_STATE = """
+return {redis.call('HGET', KEYS[1], 'offset'), redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+"""
+
 # ARGV: a MATCH pattern. Deletes every key of this node that it matches in one
 # script, so a worker's batch lands wholly before or wholly after the wipe. (SCAN
 # then DEL from the client is not a wipe: a batch between the two keeps a source it
@@ -334,7 +340,8 @@ class AggregateStore:
         self._redis: RedisClient | None = None
         self._prefix = prefix
         self._scripts = {name: (text, hashlib.sha1(text.encode()).hexdigest())
-                         for name, text in (("apply", _APPLY), ("identity", _IDENTITY), ("move", _MOVE_CLAIM))}
+                         for name, text in (("apply", _APPLY), ("identity", _IDENTITY), ("move", _MOVE_CLAIM),
+                                             ("state", _STATE))}
         self._identity = ""     # the topics' ids as last tied by ensure_identity (JSON), '' if not yet
         self._incarnation = ""  # a short digest of it: names the replay claims
         self._registered: set[Source] = set()  # the sources registry, as last read
@@ -557,13 +564,16 @@ class AggregateStore:
             return SAME, identity
         return ADOPTED, {}
 
-    def decision_records(self, sources: Sequence[Source]) -> dict[Source, dict[int, str]]:
-        """Each source's kept decision records (offset -> record), one round trip."""
+    def state(self, sources: Sequence[Source]) -> tuple[dict[Source, int | None], dict[Source, dict[int, str]]]:
+        """Each source's R and kept decision records (offset -> record), each source read at one instant."""
         with _outage_is_unavailable():
-            replies = self._run([("ZRANGE", self.parked_key(s), 0, -1, "WITHSCORES") for s in sources])
+            replies = self._run([self._script("state", [self.source_key(s), self.parked_key(s)], [])
+                                 for s in sources])
+        offsets = {s: (int(r) if r is not None else None) for s, (r, _) in zip(sources, replies, strict=True)}
         # Members are "<offset>:<record>": unique per offset even where two records read the same.
-        return {s: {int(float(score)): member.decode().partition(":")[2] for member, score in _pairs(r)}
-                for s, r in zip(sources, replies, strict=True)}
+        records = {s: {int(float(score)): member.decode().partition(":")[2] for member, score in _pairs(parked)}
+                   for s, (_, parked) in zip(sources, replies, strict=True)}
+        return offsets, records
 
     # -- reads -------------------------------------------------------------------
     def positions(self, sources: Sequence[Source]) -> dict[Source, int | None]:

@@ -211,9 +211,9 @@ def test_batch_protocol_per_source(store):
     parked.park(3, RETRIED, "retry-record")
     parked.park(4, DEAD)
     apply(store, parked)
-    assert store.decision_records([a, b]) == {a: {}, b: {2: "dead-record", 3: "retry-record"}}
+    assert store.state([a, b])[1] == {a: {}, b: {2: "dead-record", 3: "retry-record"}}
     apply(store, SourceBatch(b, to_offset=6, known_offset=5, items=[(5, 1, 1, "")], committed_offset=3))
-    assert store.decision_records([b]) == {b: {3: "retry-record"}}
+    assert store.state([b])[1] == {b: {3: "retry-record"}}
     total = store.totals()
     assert (total.count, total.dead_lettered, total.retried) == (5, 2, 1)
 
