@@ -330,9 +330,8 @@ class BatchWorker:
                         self.name, ",".join(f"{s}@{r}" for s, r in past_end.items()),
                         ",".join(f"{s}@{ends[s]}" for s in past_end))
             self._ensure_identity(force=True)
-            stored = self.store.positions(self.sources)
         committed = self._committed_offsets(ends)
-        self.records = self.store.decision_records(self.sources)
+        stored, self.records = self.store.state(self.sources)  # R and its records at one instant
         for source in self.sources:
             self.known[source], self.committed[source] = stored[source], committed[source]
         self._resume_all()
@@ -622,14 +621,32 @@ class BatchWorker:
         for source, stored in (behind or {}).items():
             self.known[source] = stored
         # The decisions parked since the last read are in Redis only (the aborted
-        # transaction never published them): read them all again.
-        self.records = wait_for(lambda: self.store.decision_records(self.sources), "redis", should_stop=self.stop)
+        # transaction never published them): read them all again, with every
+        # source's R at the same instant. A source whose state went since its last
+        # batch is rebuilt now; resuming from the R remembered would skip the
+        # decisions that were lost with it.
+        in_redis, self.records = wait_for(lambda: self.store.state(self.sources), "redis", should_stop=self.stop)
+        self._note_lost_state(in_redis)
         wait_for(self._resume_all, "kafka (log of record)", should_stop=self.stop)
         log.info("rewind worker=%s positions=%s committed=%s published=%s", self.name,
                  ",".join(f"{s}@{'start' if p is None else p}" for s, p in self.position.items()),
                  ",".join(f"{s}@{k}" for s, k in self.committed.items()),
                  ",".join(f"{s}:{len(p)}" for s, p in self.published.items()))
         self._assign()
+
+    def _note_lost_state(self, stored: dict[Source, int | None]) -> None:
+        """Take R as Redis has it where it lost state the worker knew of."""
+        for source, r in stored.items():
+            known = self.known.get(source)
+            if known is None:
+                continue
+            if r is None:
+                log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
+                self.known[source] = None
+            elif r < known:
+                log.warning("state behind worker=%s source=%s known=%s stored=%s action=rewind",
+                            self.name, source, known, r)
+                self.known[source] = r
 
     def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None) -> None:
         for source in lost:

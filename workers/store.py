@@ -322,18 +322,19 @@ class AggregateStore:
         pairs = [v.decode() for v in stored]
         return int(status), dict(zip(pairs[::2], pairs[1::2], strict=True))
 
-    def decision_records(self, sources: Sequence[Source]) -> dict[Source, dict[int, str]]:
-        """Each source's kept decision records (offset -> record), one round trip."""
+    def state(self, sources: Sequence[Source]) -> tuple[dict[Source, int | None], dict[Source, dict[int, str]]]:
+        """Each source's R and kept decision records, read at one instant (MULTI)."""
         try:
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self._redis.pipeline(transaction=True)
             for source in sources:
+                pipe.hget(self.source_key(source), "offset")
                 pipe.zrange(self.parked_key(source), 0, -1, withscores=True)
             replies = pipe.execute()
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
-        # Members are "<offset>:<record>": unique per offset even where two records read the same.
-        return {s: {int(score): member.decode().partition(":")[2] for member, score in r}
-                for s, r in zip(sources, replies, strict=True)}
+        offsets, parked = replies[0::2], replies[1::2]
+        return ({s: (int(r) if r is not None else None) for s, r in zip(sources, offsets, strict=True)},
+                {s: _records(r) for s, r in zip(sources, parked, strict=True)})
 
     # -- reads -------------------------------------------------------------------
     def positions(self, sources: Sequence[Source]) -> dict[Source, int | None]:
@@ -416,6 +417,11 @@ class AggregateStore:
             return int(self._clear(args=[f"{{{self._prefix}}}:*"]))
         except _REDIS_DOWN as exc:
             raise ServiceUnavailable(f"redis: {exc}") from exc
+
+
+def _records(parked: list[tuple[bytes, float]]) -> dict[int, str]:
+    # Members are "<offset>:<record>": unique per offset even where two records read the same.
+    return {int(score): member.decode().partition(":")[2] for member, score in parked}
 
 
 def _text(value: bytes | str) -> str:

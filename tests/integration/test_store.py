@@ -142,14 +142,14 @@ def test_decision_records_are_kept_until_kafka_has_them(store):
     batch.park(3, DEAD)  # already in Kafka: nothing to keep
     batch.park(4, RETRIED, "retry-record")  # the same words, another offset
     apply(store, batch)
-    assert store.decision_records([SRC]) == {SRC: {1: "dead-record", 2: "retry-record", 4: "retry-record"}}
+    assert store.state([SRC])[1] == {SRC: {1: "dead-record", 2: "retry-record", 4: "retry-record"}}
     apply(store, SourceBatch(SRC, to_offset=5, known_offset=4, items=[(4, 0, 1, "")], committed_offset=2))
-    assert store.decision_records([SRC]) == {SRC: {2: "retry-record", 4: "retry-record"}}
+    assert store.state([SRC])[1] == {SRC: {2: "retry-record", 4: "retry-record"}}
     # A replay below R neither counts again nor records again.
     again = SourceBatch(SRC, to_offset=3, known_offset=5, committed_offset=2)
     again.park(1, DEAD, "other")
     assert apply(store, again).counted == 0
-    assert store.decision_records([SRC]) == {SRC: {2: "retry-record", 4: "retry-record"}}
+    assert store.state([SRC])[1] == {SRC: {2: "retry-record", 4: "retry-record"}}
 
 
 def test_touch_reports_each_sources_stored_offset(store):
