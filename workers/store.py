@@ -570,9 +570,7 @@ class AggregateStore:
             replies = self._run([self._script("state", [self.source_key(s), self.parked_key(s)], [])
                                  for s in sources])
         offsets = {s: (int(r) if r is not None else None) for s, (r, _) in zip(sources, replies, strict=True)}
-        # Members are "<offset>:<record>": unique per offset even where two records read the same.
-        records = {s: {int(float(score)): member.decode().partition(":")[2] for member, score in _pairs(parked)}
-                   for s, (_, parked) in zip(sources, replies, strict=True)}
+        records = {s: _records(_pairs(parked)) for s, (_, parked) in zip(sources, replies, strict=True)}
         return offsets, records
 
     # -- reads -------------------------------------------------------------------
@@ -671,6 +669,11 @@ class AggregateStore:
                 deleted = int(client.eval(_CLEAR, 0, pattern))
         self._registered = set()
         return deleted
+
+
+def _records(parked: list[tuple[bytes, float]]) -> dict[int, str]:
+    # Members are "<offset>:<record>": unique per offset even where two records read the same.
+    return {int(score): member.decode().partition(":")[2] for member, score in parked}
 
 
 def _text(value: bytes | str) -> str:
