@@ -71,7 +71,7 @@ def producer_conf(settings: Settings, *, transactional_id: str | None = None, **
     })
     if transactional_id:
         conf["transactional.id"] = transactional_id
-        conf["transaction.timeout.ms"] = 60000
+        conf["transaction.timeout.ms"] = settings.transaction_timeout_ms
     conf.update(explicit)
     return conf
 

@@ -106,6 +106,11 @@ class Settings:
     # How often an idle worker commits its unchanged offsets again, so that Kafka
     # never expires them (offsets.retention.minutes, 7 days by default).
     offsets_refresh_s: float = 3600.0
+    # How long the broker lets a transaction stay open. A host that dies with a
+    # transaction open (offsets included) holds its partitions' committed offsets
+    # "unstable" this long: the new owner cannot read K before it (KIP-447), so it
+    # bounds a takeover. Kafka Streams uses 10 s under exactly-once for the same reason.
+    transaction_timeout_ms: int = 10000
 
     produce_rate: float = 20.0
     schema_path: Path = DEFAULT_SCHEMA_PATH
@@ -145,6 +150,7 @@ class Settings:
             (self.retry_backoff_multiplier >= 1.0, "RETRY_BACKOFF_MULTIPLIER must be >= 1"),
             (self.batch_size >= 1, "BATCH_SIZE must be >= 1"),
             (self.offsets_refresh_s > 0, "OFFSETS_REFRESH_S must be > 0"),
+            (self.transaction_timeout_ms >= 1000, "TRANSACTION_TIMEOUT_MS must be >= 1000"),
             (0 < self.poll_timeout_s <= 1.0, "POLL_TIMEOUT_S must be in (0, 1]"),
             (self.produce_rate >= 0, "PRODUCE_RATE must be >= 0"),
             (self.max_price > 0, "ORDERS_MAX_PRICE must be > 0"),
@@ -241,6 +247,7 @@ _ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "partitions": ("ORDERS_PARTITIONS", int),
     "retry_partitions": ("RETRY_PARTITIONS", int),
     "offsets_refresh_s": ("OFFSETS_REFRESH_S", float),
+    "transaction_timeout_ms": ("TRANSACTION_TIMEOUT_MS", int),
     "replication_factor": ("TOPIC_REPLICATION_FACTOR", int),
     "retention_ms": ("TOPIC_RETENTION_MS", int),
     "group_prefix": ("CONSUMER_GROUP_PREFIX", str),

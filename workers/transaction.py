@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 KAFKA_TIMEOUT_S = 15.0        # one transactional call; a retriable timeout is then retried
 # A call plus its retries that outlives this ends the process; supervisor restarts
-# it. Below transaction.timeout.ms (60 s, clients.py), so a transaction is never
-# left for the broker to expire while its worker still believes in it.
+# it. The broker may expire the transaction first (TRANSACTION_TIMEOUT_MS, 10 s by
+# default): the producer is then fenced, its next call fails fatally, and the
+# process exits for the restart all the same.
 TRANSACTION_WATCHDOG_S = 45.0
 EXIT_STUCK = 3
 RETRY_DELAY_S = 0.5           # first pause between retries of one call, doubling

@@ -31,12 +31,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(480), pytest.mark.xdist_grou
 
 PARTITIONS = 12
 LOAD, RATE = 12_000, 800
-# The bed's group session: a dead member's partitions move after it. The bound on top:
-# `orders status` calls a worker alive for 10 s after its last heartbeat, a new owner
-# beats every 2 s and loads the partition's state first (~1-3 s on two busy cores);
-# 20 s covers that with room.
+# The bed's group session: a dead member's partitions move after it. A dead host's
+# open transaction keeps its partitions' committed offsets unreadable until the
+# broker expires it (TRANSACTION_TIMEOUT_MS, 10 s, plus the broker's 1 s abort check):
+# the new owner cannot load K before. The bound on top: `orders status` calls a
+# worker alive for 10 s after its last heartbeat, a new owner beats every 2 s and
+# loads the partition's state (~1-3 s on two busy cores); 20 s covers that with room.
 SESSION_S = GROUP_SESSION_S
-TAKEOVER_BOUND_S = SESSION_S + 20
+TRANSACTION_TIMEOUT_S = 10 + 1
+TAKEOVER_BOUND_S = max(SESSION_S, TRANSACTION_TIMEOUT_S) + 20
 
 
 @pytest.fixture
