@@ -394,6 +394,26 @@ class AggregateStore:
             self._redis = self._connect()
         return self._redis
 
+    @contextmanager
+    def _outage(self) -> Iterator[None]:
+        """A Redis outage is ServiceUnavailable; on a cluster, the slot map is read again first."""
+        try:
+            with _outage_is_unavailable():
+                yield
+        except ServiceUnavailable:
+            self._refresh_slots()
+            raise
+
+    def _refresh_slots(self) -> None:
+        # redis-py's cluster pipeline keeps sending a dead master's slots to it after its
+        # replica took over (a connection error does not refresh the map): ask the nodes
+        # it knows (the seed and every node discovered since) for the slots again.
+        if isinstance(self._redis, RedisCluster):
+            try:
+                self._redis.nodes_manager.initialize()
+            except (RedisClusterException, *_REDIS_DOWN):
+                pass  # no node answered: the caller waits and tries again
+
     @property
     def _cluster(self) -> bool:
         return isinstance(self._client(), RedisCluster)
@@ -431,7 +451,7 @@ class AggregateStore:
     def apply(self, batches: Sequence[SourceBatch], *, worker: str, heartbeat: dict,
               now_ms: int) -> list[ApplyResult]:
         """Apply every source's batch in one round trip (plus the replay claims, if any)."""
-        with _outage_is_unavailable():
+        with self._outage():
             duplicates = self.claim_replays(batches)
             commands: list[tuple] = [("SET", self.heartbeat_key(worker), json.dumps(heartbeat),
                                       "PX", HEARTBEAT_TTL_MS)]
@@ -467,7 +487,7 @@ class AggregateStore:
                    if target >= 0 and tag and offset >= (batch.known_offset or 0)]
         if not replays:
             return set()
-        with _outage_is_unavailable():
+        with self._outage():
             return self._claim(replays)
 
     def _claim(self, replays: list[_Replay]) -> set[tuple[int, int]]:
@@ -529,7 +549,7 @@ class AggregateStore:
         if sources:
             commands.append(("SADD", self.sources_key, *map(str, sources)))
         commands += [("HGET", self.source_key(s), "offset") for s in sources]
-        with _outage_is_unavailable():
+        with self._outage():
             replies = self._run(commands)
         stored = replies[len(commands) - len(sources):]
         return {source: (int(r) if r is not None else None) for source, r in zip(sources, stored, strict=True)}
@@ -546,7 +566,7 @@ class AggregateStore:
         """
         current = json.dumps(dict(sorted(identity.items())))
         pool = [Source(topic, p) for topic, count in partitions.items() for p in range(count)]
-        with _outage_is_unavailable():
+        with self._outage():
             registered = self._note_registry(self._run([("SMEMBERS", self.sources_key)])[0])
             sources = sorted(set(pool) | registered, key=str)
             commands = [self._script("identity", self._state_keys(s), [current, "1" if force else "0"])
@@ -566,7 +586,7 @@ class AggregateStore:
 
     def state(self, sources: Sequence[Source]) -> tuple[dict[Source, int | None], dict[Source, dict[int, str]]]:
         """Each source's R and kept decision records (offset -> record), each source read at one instant."""
-        with _outage_is_unavailable():
+        with self._outage():
             replies = self._run([self._script("state", [self.source_key(s), self.parked_key(s)], [])
                                  for s in sources])
         offsets = {s: (int(r) if r is not None else None) for s, (r, _) in zip(sources, replies, strict=True)}
@@ -576,7 +596,7 @@ class AggregateStore:
     # -- reads -------------------------------------------------------------------
     def positions(self, sources: Sequence[Source]) -> dict[Source, int | None]:
         """The next offset to count for each source, or None if it has no state."""
-        with _outage_is_unavailable():
+        with self._outage():
             replies = self._run([("HGET", self.source_key(s), "offset") for s in sources])
         return {s: (int(r) if r is not None else None) for s, r in zip(sources, replies, strict=True)}
 
@@ -600,7 +620,7 @@ class AggregateStore:
     def worker_names(self) -> list[str]:
         """Workers with a live heartbeat key (it expires HEARTBEAT_TTL_MS after the last beat), on every primary."""
         pattern = self.heartbeat_key("*")
-        with _outage_is_unavailable():
+        with self._outage():
             client = self._client()
             nodes = ([client.get_redis_connection(n) for n in client.get_primaries()]
                      if isinstance(client, RedisCluster) else [client])
@@ -610,7 +630,7 @@ class AggregateStore:
     def _read_sources(self, sources: Sequence[Source],
                       workers: Sequence[str]) -> tuple[dict[Source, dict[str, int]], dict[str, dict | None]]:
         """Every registered source's fields (and ``sources``'), and the workers' heartbeats."""
-        with _outage_is_unavailable():
+        with self._outage():
             first = sorted(set(sources) | self._registered, key=str)
             replies = self._run([("SMEMBERS", self.sources_key),
                                  *(("HGETALL", self.source_key(s)) for s in first),
@@ -631,12 +651,12 @@ class AggregateStore:
         """Remember which dead letters were replayed (id -> details), one round trip."""
         if not replays:
             return
-        with _outage_is_unavailable():
+        with self._outage():
             self._client().hset(self.replays_key, mapping={k: json.dumps(v) for k, v in replays.items()})
 
     def replays(self) -> dict[str, dict]:
         """Every recorded replay: dead letter id -> details."""
-        with _outage_is_unavailable():
+        with self._outage():
             raw = self._client().hgetall(self.replays_key)
         return {_text(k): json.loads(v) for k, v in raw.items()}
 
@@ -646,21 +666,21 @@ class AggregateStore:
     # backup) must not turn orders already counted into dead letters.
     def keep_schema(self, schema_id: int, schema: str) -> str:
         """Keep ``schema`` as the copy for ``schema_id`` unless one is kept; returns the kept copy."""
-        with _outage_is_unavailable():  # a kept copy is never replaced: no transaction needed
+        with self._outage():  # a kept copy is never replaced: no transaction needed
             _, kept = self._run([("HSETNX", self.schemas_key, str(schema_id), schema),
                                  ("HGET", self.schemas_key, str(schema_id))])
         return _text(kept)
 
     def kept_schema(self, schema_id: int) -> str | None:
         """The kept copy of the writer schema ``schema_id``, or None."""
-        with _outage_is_unavailable():
+        with self._outage():
             kept = self._client().hget(self.schemas_key, str(schema_id))
         return _text(kept) if kept is not None else None
 
     def clear(self) -> int:
         """Delete every key of this prefix, on every primary of a cluster (tests and benchmarks)."""
         pattern = "{" + _glob_escape(self._prefix) + "[:}]*"  # {P}:... and {P:...}...
-        with _outage_is_unavailable():
+        with self._outage():
             client = self._client()
             if isinstance(client, RedisCluster):
                 deleted = sum(int(client.get_redis_connection(node).eval(_CLEAR_EACH_NODE, 0, pattern))
