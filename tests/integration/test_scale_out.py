@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from confluent_kafka.admin import NewPartitions
 
 from workers.clients import make_admin
 from workers.settings import Settings
 
-from ..bed import GROUP_SESSION_S, Bed
+from ..bed import GROUP_SESSION_S, REDIS_NODES, Bed
 from ..conftest import isolated_env
 from ..pool import ORDERS, SupervisedPool, check_exact, run_orders, stack, stats, wait_until
 from .conftest import cleanup
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(480), pytest.mark.xdist_grou
 
 PARTITIONS = 12
 LOAD, RATE = 12_000, 800
+FAULT_LOAD = 40_000  # 50 s at RATE: the load goes on through a server's kill and failover
 # The bed's group session: a dead member's partitions move after it. A dead host's
 # open transaction keeps its partitions' committed offsets unreadable until the
 # broker expires it (TRANSACTION_TIMEOUT_MS, 10 s, plus the broker's 1 s abort check):
@@ -183,6 +185,11 @@ def counted(env: dict) -> int:
     return json.loads(result.stdout)["count"] if result.returncode == 0 else -1
 
 
+def redis_role(bed: Bed, j: int) -> str:
+    client = redis.Redis(host="127.0.0.1", port=bed.redis_ports[j], socket_timeout=3, decode_responses=True)
+    return str(client.info("replication")["role"])
+
+
 def leader_of_partition_0(settings: Settings) -> int:
     """The node id of the broker leading partition 0 of orders (the workers fetch from it)."""
     meta = make_admin(settings).list_topics(settings.orders_topic, timeout=10)
@@ -200,7 +207,7 @@ def test_a_killed_broker_comes_back(env, hosts, bed, tmp_path):
     hosts("host-a")
     hosts("host-b")
     wait_spread(env, {"host-a", "host-b"})
-    load = start_load(env, tmp_path)
+    load = start_load(env, tmp_path, count=FAULT_LOAD)  # still producing through the fault
     wait_until(lambda: stats(env)["count"] > 2000, "the pool counts under load")
     node = f"kafka-{leader_of_partition_0(settings) - 1}"  # node ids start at 1 (scripts/stack)
     before = stats(env)["count"]
@@ -224,13 +231,16 @@ def test_a_killed_redis_master_fails_over(env, hosts, bed, tmp_path):
     hosts("host-a")
     hosts("host-b")
     wait_spread(env, {"host-a", "host-b"})
-    load = start_load(env, tmp_path)
+    load = start_load(env, tmp_path, count=FAULT_LOAD)  # still producing through the fault
     wait_until(lambda: stats(env)["count"] > 2000, "the pool counts under load")
+    # A master other than REDIS_URL's seed node: a process started during the outage
+    # (`orders stats` here) finds the cluster through the seed.
+    victim = next(j for j in range(1, REDIS_NODES) if redis_role(bed, j) == "master")
     before = stats(env)["count"]
-    stack("kill", "redis-0", env=bed.env)
+    stack("kill", f"redis-{victim}", env=bed.env)
     try:
         wait_until(lambda: counted(env) > before + 1000, "the pool counts after the failover", timeout=120)
     finally:
-        stack("start", "redis-0", env=bed.env)
+        stack("start", f"redis-{victim}", env=bed.env)
     finish_load(load)
     check_exact(env, settings, timeout=180)
