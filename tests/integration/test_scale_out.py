@@ -144,7 +144,7 @@ def test_partitions_added_to_the_live_topic_get_workers_and_are_counted(env, hos
     hosts("host-a")
     hosts("host-b")
     wait_spread(env, {"host-a", "host-b"})
-    load = start_load(env, tmp_path)
+    load = start_load(env, tmp_path, count=FAULT_LOAD)  # still producing when the partitions are added
     wait_until(lambda: stats(env)["count"] > 1000, "the pool counts under load")
     admin = make_admin(settings)
     admin.create_partitions([NewPartitions(settings.orders_topic, PARTITIONS + 4)])[settings.orders_topic].result(30)
