@@ -635,11 +635,8 @@ class BatchWorker:
         self.latency.record(applied_at - ts for ts in plan.timestamps_ms)
         self._counted_since_log += sum(r.counted for r in results)
         self._batches_since_log += 1
-        lost = {r.source for r in results if r.status == STATE_LOST}
-        behind = {r.source: r.offset for r in results if r.status == STATE_BEHIND}
-        ahead = {r.source: r.offset for r in results if r.status == STATE_AHEAD}
-        if lost or behind or ahead:
-            self._rebuild(lost, behind, ahead)
+        if any(r.status in (STATE_LOST, STATE_BEHIND, STATE_AHEAD) for r in results):
+            self._rewind()  # it finds which sources, from Redis
             return
         for batch, result in zip(batches, results, strict=True):
             self.known[batch.source] = result.offset
@@ -714,17 +711,13 @@ class BatchWorker:
         """Abort the open transaction, if any: its messages never become visible."""
         self.txn.abort()
 
-    def _rewind(self, lost: Set[Source] = frozenset(), behind: dict[Source, int] | None = None) -> None:
-        """Abort, then re-read every source from min(R, K).
+    def _rewind(self) -> None:
+        """Abort, then re-read every source from min(R, K), with R as Redis has it now.
 
         Sources whose Redis state vanished (R unknown) restart from the log start;
         sources whose state went back restart from the stored R if earlier than K.
         """
         self._abort()
-        for source in lost:
-            self.known[source] = None
-        for source, stored in (behind or {}).items():
-            self.known[source] = stored
         # The decisions parked since the last read are in Redis only (the aborted
         # transaction never published them): read them all again, with each
         # source's R at the same instant. A source whose state went (or moved)
@@ -739,8 +732,17 @@ class BatchWorker:
                  ",".join(f"{s}:{len(p)}" for s, p in self.published.items()))
         self._assign()
 
+    @staticmethod
+    def _state_went(known: int | None, stored: int | None) -> bool:
+        """Whether Redis lost a source's state, or part of it, since the worker knew ``known``."""
+        return known is not None and (stored is None or stored < known)
+
     def _take_stored_state(self, stored: dict[Source, int | None]) -> None:
-        """Take R as Redis has it where it differs from what the worker knew."""
+        """Take R as Redis has it where it differs from what the worker knew.
+
+        Lost or behind: Redis lost state. Ahead: another writer moved R (a zombie
+        that lost the partition, or its previous owner).
+        """
         for source, r in stored.items():
             known = self.known.get(source)
             if r == known:
@@ -748,22 +750,9 @@ class BatchWorker:
             if r is None:
                 log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
             else:
-                log.warning("state moved worker=%s source=%s known=%s stored=%s action=rewind",
-                            self.name, source, known, r)
+                log.warning("state %s worker=%s source=%s known=%s stored=%s action=rewind",
+                            "ahead" if known is None or r > known else "behind", self.name, source, known, r)
             self.known[source] = r
-
-    def _rebuild(self, lost: set[Source], behind: dict[Source, int] | None = None,
-                 ahead: dict[Source, int] | None = None) -> None:
-        for source in lost:
-            log.warning("state lost worker=%s source=%s action=rebuild_from_log_start", self.name, source)
-        for source, stored in (behind or {}).items():
-            log.warning("state behind worker=%s source=%s known=%s stored=%s action=rewind",
-                        self.name, source, self.known[source], stored)
-        for source, stored in (ahead or {}).items():
-            # Another writer moved R: a zombie that lost the partition, or its previous owner.
-            log.warning("state ahead worker=%s source=%s known=%s stored=%s action=reload_and_replay",
-                        self.name, source, self.known[source], stored)
-        self._rewind(lost, {**(behind or {}), **(ahead or {})})
 
     # -- housekeeping ----------------------------------------------------------------
     def _drop_errors(self, messages: list[Message]) -> list[Message]:
@@ -799,10 +788,8 @@ class BatchWorker:
                 log.warning("heartbeat failed worker=%s reason=%s", self.name, exc)
                 stored = {}
             # An idle source is checked too: its state may be gone or have gone back.
-            lost = {s for s, r in stored.items() if r is None and self.known.get(s) is not None}
-            behind = {s: r for s, r in stored.items() if r is not None and r < (self.known.get(s) or 0)}
-            if lost or behind:
-                self._rebuild(lost, behind)
+            if any(self._state_went(self.known.get(s), r) for s, r in stored.items()):
+                self._rewind()
         self._maybe_commit()
         if now - self._last_log >= 1.0 and self._batches_since_log:
             self.log_progress(now - self._last_log)

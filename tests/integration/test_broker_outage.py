@@ -172,9 +172,10 @@ def uncommitted(settings: Settings, ends: dict[str, dict[Source, int]]) -> list[
 def test_broker_outage_longer_than_transaction_timeouts(env, pool, tmp_path: Path):
     settings = Settings.from_env(env)
     store = AggregateStore(make_redis(settings), settings.redis_prefix)
+    load_log = tmp_path / "load.log"
     load = subprocess.Popen([ORDERS, "produce", "--count", "0", "--rate", str(RATE),
                              "--record", str(tmp_path / "delivered.jsonl")],
-                            env={**env, "PATH": os.environ["PATH"]}, stderr=subprocess.DEVNULL)
+                            env={**env, "PATH": os.environ["PATH"]}, stderr=load_log.open("w"))
     try:
         # Steady load, and (with failures) transactions carrying retries open all the time.
         deadline = time.monotonic() + 90
@@ -189,7 +190,11 @@ def test_broker_outage_longer_than_transaction_timeouts(env, pool, tmp_path: Pat
         stack("start", "kafka")  # returns once a transaction commits on it
         back_ms = int(time.time() * 1000)
 
-        took = wait_until_resumed(pool, store, settings, back_ms, RESUME_BOUND_S)
+        try:
+            took = wait_until_resumed(pool, store, settings, back_ms, RESUME_BOUND_S)
+        except AssertionError as exc:
+            tail = "\n".join(load_log.read_text(errors="replace").splitlines()[-30:])
+            raise AssertionError(f"{exc}\n--- the load producer (running: {load.poll() is None}):\n{tail}") from None
         print(f"every worker resumed {took:.1f} s after the broker was ready again (bound {RESUME_BOUND_S} s)")
     finally:
         if load.poll() is None:
