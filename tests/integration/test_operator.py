@@ -112,26 +112,56 @@ def test_status_dlq_summary_and_replay(env, tmp_path):
         pool.stop()
 
 
+def read_pty(fd: int, seconds: float) -> tuple[bytes, bool]:
+    """What the terminal's program writes within ``seconds``, and whether it closed its end."""
+    output = b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], min(left, 0.2))
+        if ready:
+            try:
+                output += os.read(fd, 65536)
+            except OSError:  # EIO: the program has exited
+                return output, True
+    return output, False
+
+
+def wait_for_exit(pid: int, fd: int, timeout: float) -> tuple[int | None, bytes]:
+    """Wait for the program to exit while reading its terminal, so that it never blocks writing to it."""
+    output = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status, output + read_pty(fd, 0.2)[0]
+        output += read_pty(fd, 0.2)[0]
+    # Still running: its Python stacks (faulthandler, on SIGABRT) say where it hangs.
+    os.kill(pid, signal.SIGABRT)
+    output += read_pty(fd, 3)[0]
+    os.waitpid(pid, 0)
+    return None, output
+
+
 def test_status_watch_renders_in_a_terminal_and_quits_on_ctrl_c(env):
     pid, fd = pty.fork()
     if pid == 0:  # child: the terminal's program
         os.execve(ORDERS, [ORDERS, "status", "--watch", "--interval", "0.5"],
-                  {**env, "PATH": os.environ["PATH"], "TERM": "xterm"})
+                  {**env, "PATH": os.environ["PATH"], "TERM": "xterm", "PYTHONFAULTHANDLER": "1"})
     output = b""
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and output.count(b"workers alive") < 2:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if ready:
-                try:
-                    output += os.read(fd, 65536)
-                except OSError:
-                    break
+            more, closed = read_pty(fd, 0.5)
+            output += more
+            if closed:
+                break
         os.kill(pid, signal.SIGINT)
-        _, status = os.waitpid(pid, 0)
+        status, more = wait_for_exit(pid, fd, timeout=30)
+        output += more
     finally:
         os.close(fd)
     text = output.decode(errors="replace")
+    assert status is not None, f"still running 30 s after Ctrl-C:\n{text[-4000:]}"
     assert text.count("workers alive") >= 2, text  # refreshed at least once
     assert "Traceback" not in text
     assert "\x1b[" in text  # styled for a terminal
