@@ -150,6 +150,7 @@ class StuckProducerGuard:
         if now - self._last_report < self._stall_s or self._in_a_row >= MAX_REPLACEMENTS:
             return producer
         if not self._leaders_known(producer):
+            self._next_check = time.monotonic() + 5.0  # each look may wait 2 s: not every second
             return producer  # a real outage: the orders wait for the broker
         return self._replace(producer, now)
 
