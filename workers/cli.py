@@ -326,8 +326,7 @@ def stats(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> None:
     """Is the pool healthy? Workers, counts, lag, rates, retries, DLQ, average."""
-    reader = StatusReader(settings, AggregateStore(make_redis(settings), settings.redis_prefix),
-                          make_consumer(settings, settings.group_id("status")))
+    reader = StatusReader(settings, AggregateStore(make_redis(settings), settings.redis_prefix), make_admin(settings))
     color = sys.stdout.isatty() and not as_json
     style = click.style if color else (lambda text, **kw: text)
     try:
@@ -348,8 +347,6 @@ def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> N
             time.sleep(interval)
     except KeyboardInterrupt:
         pass  # Ctrl-C ends --watch: not an error
-    finally:
-        reader.consumer.close()
 
 
 def _fmt(value: float | None) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from .errors import ServiceUnavailable
 from .latency import merge
@@ -12,14 +13,25 @@ from .settings import Settings
 from .store import AggregateStore, Source
 
 ALIVE_WITHIN_MS = 10_000  # workers refresh their heartbeat every 2 s
-_MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART)
+# _NOENT: list_offsets found no leader for the partition, as for a topic not created yet.
+_MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
+            KafkaError._NOENT)
 
 
-def _end_offsets(consumer: Consumer, topic: str, partitions: int) -> list[int | None]:
+def _end_offsets(admin: AdminClient, topic: str, partitions: int) -> list[int | None]:
+    """Each partition's end offset, in one request; None where the topic does not exist yet.
+
+    An admin request, not a consumer: a consumer has a group, and closing it could
+    wait for ever on the group coordinator (``orders status --watch`` hung on Ctrl-C).
+    """
+    wanted = [TopicPartition(topic, p) for p in range(partitions)]
+    if not wanted:
+        return []
+    futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted}, request_timeout=5)
     ends: list[int | None] = []
-    for p in range(partitions):
+    for tp in wanted:
         try:
-            ends.append(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)[1])
+            ends.append(futures[tp].result().offset)
         except KafkaException as exc:
             if exc.args[0].code() in _MISSING:
                 ends.append(None)  # the topic is not created yet
@@ -34,7 +46,7 @@ class StatusReader:
 
     settings: Settings
     store: AggregateStore
-    consumer: Consumer
+    admin: AdminClient
     previous: dict | None = field(default=None)
 
     def snapshot(self) -> dict:
@@ -43,8 +55,8 @@ class StatusReader:
         retry_sources = [Source(s.retry_topic, p) for p in range(s.retry_partitions)]
         workers = [f"partition-{p}" for p in range(s.partitions)] + ["retry"]
         snap = self.store.snapshot(s.partitions, order_sources + retry_sources, workers)
-        order_ends = _end_offsets(self.consumer, s.orders_topic, s.partitions)
-        retry_ends = _end_offsets(self.consumer, s.retry_topic, s.retry_partitions)
+        order_ends = _end_offsets(self.admin, s.orders_topic, s.partitions)
+        retry_ends = _end_offsets(self.admin, s.retry_topic, s.retry_partitions)
         now_ms = int(time.time() * 1000)
         beats = snap["workers"]
 
