@@ -16,7 +16,7 @@ from .dlq import Filters, ReplayFailed, parse_since, read_dead_letters, replay, 
 from .engine import StopFlag, now_ms
 from .errors import ConfigError, OrdersError, ServiceUnavailable, StopRequested
 from .partition_worker import PartitionWorker
-from .producer import DeliveryTally, produce_orders
+from .producer import DeliveryTally, StuckProducerGuard, produce_orders
 from .retry_worker import RetryWorker
 from .serde import OrderSerde, load_schema
 from .settings import Settings
@@ -106,15 +106,16 @@ def produce(settings: Settings, count: int, rate: float | None, seed: int | None
     # Line-buffered: what the file says was delivered survives a crash of this process.
     record_file = open(record, "a", buffering=1) if record else None
     tally = DeliveryTally(record=record_file)
+    guard = StuckProducerGuard(lambda: make_producer(settings), settings.orders_topic, tally)
     log.info("producing count=%s rate=%s topic=%s %s", count or "unbounded", rate or "unlimited",
              settings.orders_topic, describe_servers(settings))
     if count and sys.stderr.isatty():
         with click.progressbar(length=count, label="producing", file=sys.stderr) as bar:
             sent = produce_orders(producer, serde, settings.orders_topic, count=count, rate=rate, seed=seed,
-                                  stop=stop, tally=tally, on_progress=bar.update)
+                                  stop=stop, tally=tally, on_progress=bar.update, guard=guard)
     else:
         sent = produce_orders(producer, serde, settings.orders_topic, count=count, rate=rate, seed=seed,
-                              stop=stop, tally=tally)
+                              stop=stop, tally=tally, guard=guard)
     if record_file:
         record_file.close()
     log.info("produce done sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
@@ -358,8 +359,7 @@ def stats(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> None:
     """Is the pool healthy? Workers, counts, lag, rates, retries, DLQ, average."""
-    reader = StatusReader(settings, _store(settings),
-                          make_consumer(settings, settings.group_id("status")))
+    reader = StatusReader(settings, _store(settings), make_admin(settings))
     color = sys.stdout.isatty() and not as_json
     style = click.style if color else (lambda text, **kw: text)
     try:
@@ -380,8 +380,6 @@ def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> N
             time.sleep(interval)
     except KeyboardInterrupt:
         pass  # Ctrl-C ends --watch: not an error
-    finally:
-        reader.consumer.close()
 
 
 def _fmt(value: float | None) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from .errors import ServiceUnavailable
 from .latency import merge
@@ -12,25 +13,36 @@ from .settings import Settings
 from .store import AggregateStore, Source
 
 ALIVE_WITHIN_MS = 10_000  # workers refresh their heartbeat every 2 s
+# _NOENT: list_offsets found no leader for the partition: a topic not created yet, or a
+# partition just created or moving between brokers (its end is unknown for a moment).
 _MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
-            # a partition just created or moving between brokers: its end is unknown for a moment
-            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE)
+            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._NOENT)
 
 
-def _partition_count(consumer: Consumer, topic: str, configured: int) -> int:
+def _partition_count(admin: AdminClient, topic: str, configured: int) -> int:
     """The topic's partitions as Kafka has them (more may have been added); configured if missing."""
     try:
-        meta = consumer.list_topics(topic, timeout=5).topics[topic]
+        # All topics: asking for one by name could create it on a broker that auto-creates.
+        meta = admin.list_topics(timeout=5).topics.get(topic)
     except KafkaException as exc:
         raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-    return len(meta.partitions) if meta.error is None and meta.partitions else configured
+    return len(meta.partitions) if meta is not None and meta.error is None and meta.partitions else configured
 
 
-def _end_offsets(consumer: Consumer, topic: str, partitions: int) -> list[int | None]:
+def _end_offsets(admin: AdminClient, topic: str, partitions: int) -> list[int | None]:
+    """Each partition's end offset, in one request; None where the topic does not exist yet.
+
+    An admin request, not a consumer: a consumer has a group, and closing it could
+    wait for ever on the group coordinator (``orders status --watch`` hung on Ctrl-C).
+    """
+    wanted = [TopicPartition(topic, p) for p in range(partitions)]
+    if not wanted:
+        return []
+    futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted}, request_timeout=5)
     ends: list[int | None] = []
-    for p in range(partitions):
+    for tp in wanted:
         try:
-            ends.append(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)[1])
+            ends.append(futures[tp].result().offset)
         except KafkaException as exc:
             if exc.args[0].code() in _MISSING:
                 ends.append(None)  # not created yet, or without a leader right now
@@ -45,18 +57,18 @@ class StatusReader:
 
     settings: Settings
     store: AggregateStore
-    consumer: Consumer
+    admin: AdminClient
     previous: dict | None = field(default=None)
 
     def snapshot(self) -> dict:
         s = self.settings
-        order_count = _partition_count(self.consumer, s.orders_topic, s.partitions)
-        retry_count = _partition_count(self.consumer, s.retry_topic, s.retry_partitions)
+        order_count = _partition_count(self.admin, s.orders_topic, s.partitions)
+        retry_count = _partition_count(self.admin, s.retry_topic, s.retry_partitions)
         order_sources = [Source(s.orders_topic, p) for p in range(order_count)]
         retry_sources = [Source(s.retry_topic, p) for p in range(retry_count)]
         snap = self.store.snapshot(order_count, order_sources + retry_sources, self.store.worker_names())
-        order_ends = _end_offsets(self.consumer, s.orders_topic, order_count)
-        retry_ends = _end_offsets(self.consumer, s.retry_topic, retry_count)
+        order_ends = _end_offsets(self.admin, s.orders_topic, order_count)
+        retry_ends = _end_offsets(self.admin, s.retry_topic, retry_count)
         now_ms = int(time.time() * 1000)
         # Who owns what: each live worker's heartbeat names the partitions it holds.
         live = {name: beat for name, beat in snap["workers"].items() if _alive(beat, now_ms)}
