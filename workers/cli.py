@@ -362,24 +362,31 @@ def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> N
     reader = StatusReader(settings, _store(settings), make_admin(settings))
     color = sys.stdout.isatty() and not as_json
     style = click.style if color else (lambda text, **kw: text)
-    try:
-        reader.snapshot()
-        time.sleep(min(interval, 1.0))  # a first window, so rates are known
-        while True:
-            data = reader.snapshot()
-            if as_json:
-                click.echo(json.dumps(data))
-            else:
-                if watch and color:
-                    click.clear()
-                click.echo("\n".join(render(data, style)))
-                if watch:
-                    click.echo(style(f"\nrefreshing every {interval:g}s, Ctrl-C to quit", dim=True))
-            if not watch:
-                break
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        pass  # Ctrl-C ends --watch: not an error
+    # Ctrl-C sets a flag that the loop checks: a KeyboardInterrupt raised inside a
+    # Kafka client's callback could be lost there, and --watch went on for ever.
+    stop = StopFlag().install()
+    reader.snapshot()
+    _sleep_unless(stop, min(interval, 1.0))  # a first window, so rates are known
+    while not stop():
+        data = reader.snapshot()
+        if as_json:
+            click.echo(json.dumps(data))
+        else:
+            if watch and color:
+                click.clear()
+            click.echo("\n".join(render(data, style)))
+            if watch:
+                click.echo(style(f"\nrefreshing every {interval:g}s, Ctrl-C to quit", dim=True))
+        if not watch:
+            break
+        _sleep_unless(stop, interval)
+
+
+def _sleep_unless(stop: StopFlag, seconds: float) -> None:
+    """Sleep ``seconds``, or less once ``stop`` is set."""
+    deadline = time.monotonic() + seconds
+    while not stop() and (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
 
 
 def _fmt(value: float | None) -> str:
