@@ -339,7 +339,7 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
     codes = workers.stop()
     assert codes == {role: 0 for role in workers.roles}, f"{codes}\n{workers.logs()}"
     for role in workers.roles:
-        assert f"stopped worker={role}" in workers.log(role)
+        assert f"stopped worker={workers.names[role]}" in workers.log(role)
 
     # What `orders dlq --json` tells an operator about each one (checked last, all
     # together, so one wrong detail does not hide the others).
