@@ -81,6 +81,18 @@ def make_producer(settings: Settings, *, transactional_id: str | None = None, **
     return _build(Producer, producer_conf(settings, transactional_id=transactional_id, **explicit), "producer")
 
 
+def produce_one(producer: Producer, topic: str, key: bytes | None, value: bytes | None, on_delivery: Callable,
+                *, headers: list | None = None, partition: int = -1) -> None:
+    """Hand one message to the client, waiting for room in its queue when it is full."""
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value, headers=headers, partition=partition,
+                             on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.1)  # local queue full: let deliveries drain
+
+
 def consumer_conf(settings: Settings, group_id: str, **explicit) -> dict:
     conf = _base_conf(settings)
     conf.update({

@@ -14,6 +14,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from . import envelope as env
 from . import oversize
+from .clients import produce_one
 from .errors import OrderError, OrdersError, ServiceUnavailable
 from .logs import printable
 from .serde import OrderSerde
@@ -245,13 +246,8 @@ def replay(letters: Iterable[DeadLetter], producer: Producer, orders_topic: str,
         return on_delivery
 
     for letter in letters:
-        while True:
-            try:
-                producer.produce(orders_topic, key=letter.key, value=letter.raw,
-                                 headers=[(env.REPLAY_OF, letter.id.encode())], on_delivery=report(letter.id))
-                break
-            except BufferError:
-                producer.poll(0.1)  # local queue full
+        produce_one(producer, orders_topic, letter.key, letter.raw, report(letter.id),
+                    headers=[(env.REPLAY_OF, letter.id.encode())])
         producer.poll(0)
     producer.flush(FLUSH_TIMEOUT_S)
     return delivered, errors

@@ -53,7 +53,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from . import oversize
-from .clients import make_consumer, wait_for
+from .clients import make_consumer, produce_one, wait_for
 from .envelope import REPLAY_OF, Provenance, dead_letter_headers, header_dict, retry_headers
 from .errors import (
     FatalWorkerError,
@@ -698,13 +698,8 @@ class BatchWorker:
         self._rewind()
 
     def _produce(self, m: OutMessage) -> None:
-        while True:
-            try:
-                self.producer.produce(m.topic, value=m.value, key=m.key, headers=m.headers,
-                                      on_delivery=oversize.on_delivery(m.topic, m.key, m.value, m.headers))
-                break
-            except BufferError:
-                self.producer.poll(0.1)  # the local queue is full: let deliveries drain
+        produce_one(self.producer, m.topic, m.key, m.value, oversize.on_delivery(m.topic, m.key, m.value, m.headers),
+                    headers=m.headers)
         self.producer.poll(0)
 
     def _abort(self) -> None:

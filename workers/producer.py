@@ -17,6 +17,7 @@ from typing import TextIO
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from .clients import produce_one
 from .serde import OrderSerde
 
 log = logging.getLogger(__name__)
@@ -99,17 +100,6 @@ class DeliveryTally:
         return report_and_record
 
 
-def produce_one(producer: Producer, topic: str, key: bytes | None, value: bytes | None, callback: Callable,
-                partition: int = -1) -> None:
-    """Hand one message to the client, waiting for room in its queue when it is full."""
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value, partition=partition, on_delivery=callback)
-            return
-        except BufferError:
-            producer.poll(0.1)  # local queue full: wait for deliveries
-
-
 class StuckProducerGuard:
     """Replaces a producer that librdkafka left unable to deliver while the brokers are fine.
 
@@ -165,6 +155,7 @@ class StuckProducerGuard:
     def _replace(self, producer: Producer, now: float) -> Producer:
         waiting = len(producer)
         fresh = self._make()
+
         def requeue(msg: Message, callback: Callable) -> None:
             partition = msg.partition()  # the partitioner's choice: the order keeps its partition
             produce_one(fresh, msg.topic() or self._topic, msg.key(), msg.value(), callback,
