@@ -69,6 +69,7 @@ from .processing import Downstream, backoff_ms, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
 from .store import DEAD, RESET, RETRIED, STATE_BEHIND, STATE_LOST, AggregateStore, Source, SourceBatch, Totals
+from .topics import end_offsets
 from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
@@ -342,12 +343,12 @@ class BatchWorker:
         try:
             futures = self.admin.describe_topics(TopicCollection(names), request_timeout=10)
             described = {name: future.result() for name, future in futures.items()}
-            ends = {s: self.consumer.get_watermark_offsets(TopicPartition(s.topic, s.partition), timeout=10)[1]
-                    for s in self.sources}
         except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-        if any(end < 0 for end in ends.values()):  # unknown: never mistake it for an empty partition
-            raise ServiceUnavailable(f"kafka: end offsets not known yet: {ends}")
+        found = end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in self.sources])
+        if any(end is None or end < 0 for end in found):  # unknown: never mistake it for an empty partition
+            raise ServiceUnavailable(f"kafka: end offsets not known yet: {found}")
+        ends = {s: end for s, end in zip(self.sources, found, strict=True) if end is not None}
         self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
         self._partitions = {name: len(d.partitions) for name, d in described.items() if name != self.settings.dlq_topic}
         self._ensure_identity(force=False)
@@ -366,7 +367,7 @@ class BatchWorker:
         need = [s for s in self.sources if self._needs_ledger(s)]
         self.published = published_decisions(
             lambda: make_consumer(self.settings, self.settings.group_id(f"{self.name}-ledger")),
-            self.settings, need) if need else {}
+            self.admin, self.settings, need) if need else {}
         self._published_end = {s: max(p, default=-1) + 1 for s, p in self.published.items()}
         for source in self.sources:
             self.position[source] = self._resume_at(source)
