@@ -82,6 +82,7 @@ from .store import (
     SourceBatch,
     Totals,
 )
+from .topics import end_offsets
 from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
@@ -356,6 +357,10 @@ class BatchWorker:
     # The callbacks run inside poll(). Under the consumer protocol the lists hold
     # only the partitions that change; the client (un)assigns them after the
     # callback unless the callback did (on_assign does, with the resume offsets).
+    # Nothing here calls this consumer's poll, consume or list_topics: confluent-kafka
+    # keeps one callback state per client and thread, a nested call clears it, and
+    # the next callback of the same poll then aborts the process (metadata and end
+    # offsets come from the admin client instead; test_rebalance_callbacks.py).
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         new = [Source(tp.topic, tp.partition) for tp in partitions]
         new = [s for s in new if s not in self.position]
@@ -433,16 +438,12 @@ class BatchWorker:
         try:
             futures = self.admin.describe_topics(TopicCollection(names), request_timeout=10)
             described = {name: future.result() for name, future in futures.items()}
-            # Partitions added since the consumer last refreshed its metadata are
-            # "unknown" to it until it looks again (every 5 minutes by default).
-            for topic in {s.topic for s in sources}:
-                self.consumer.list_topics(topic, timeout=10)
-            ends = {s: self.consumer.get_watermark_offsets(TopicPartition(s.topic, s.partition), timeout=10)[1]
-                    for s in sources}
         except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-        if any(end < 0 for end in ends.values()):  # unknown: never mistake it for an empty partition
-            raise ServiceUnavailable(f"kafka: end offsets not known yet: {ends}")
+        found = end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in sources])
+        if any(end is None or end < 0 for end in found):  # unknown: never mistake it for an empty partition
+            raise ServiceUnavailable(f"kafka: end offsets not known yet: {found}")
+        ends = {s: end for s, end in zip(sources, found, strict=True) if end is not None}
         self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
         self._partitions = {name: len(d.partitions) for name, d in described.items() if name != self.settings.dlq_topic}
         self._ensure_identity(force=False)
@@ -461,7 +462,7 @@ class BatchWorker:
         need = [s for s in sources if self._needs_ledger(s)]
         published = published_decisions(
             lambda: make_consumer(self.settings, self.settings.group_id(f"{self.name}-ledger")),
-            self.settings, need) if need else {}
+            self.admin, self.settings, need) if need else {}
         for source in sources:
             self.published.pop(source, None)
             self._published_end.pop(source, None)

@@ -7,6 +7,12 @@ topics, read ``read_committed``, say whether it was parked (and where) or
 counted. A rebuild (Redis lost or behind) and a worker whose K is gone use this
 instead of deciding those orders again under today's settings, and without
 calling the downstream a second time.
+
+"The end" is the high watermark, read when the ledger starts: every transaction
+committed before then (K's among them) lies below it. A ``read_committed``
+consumer's own end is the last stable offset, which stops at the first open
+transaction of any producer (a worker killed mid-transaction leaves one until it
+is fenced or expires), and would miss committed messages behind it.
 """
 from __future__ import annotations
 
@@ -15,11 +21,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from .envelope import header_dict, parked_from
 from .errors import ServiceUnavailable
 from .settings import Settings
 from .store import DEAD, RETRIED, Source
+from .topics import end_offsets
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +36,7 @@ READ_TIMEOUT_S = 120.0  # an open transaction of another worker holds read_commi
 Published = dict[Source, dict[int, int]]  # source -> {offset: DEAD or RETRIED}
 
 
-def published_decisions(make_consumer: Callable[[], Consumer], settings: Settings,
+def published_decisions(make_consumer: Callable[[], Consumer], admin: AdminClient, settings: Settings,
                         sources: Sequence[Source]) -> Published:
     """Every committed retry/DLQ message published for ``sources``, by source offset.
 
@@ -41,7 +49,7 @@ def published_decisions(make_consumer: Callable[[], Consumer], settings: Setting
     read = 0
     try:
         for topic, kind in ((settings.retry_topic, RETRIED), (settings.dlq_topic, DEAD)):
-            for msg in _read_to_end(consumer, topic):
+            for msg in _read_to_end(consumer, admin, topic):
                 read += 1
                 origin = parked_from(header_dict(msg.headers()), settings.orders_topic)
                 if origin is not None:
@@ -55,19 +63,20 @@ def published_decisions(make_consumer: Callable[[], Consumer], settings: Setting
     return found
 
 
-def _read_to_end(consumer: Consumer, topic: str) -> Iterator[Message]:
-    """Every committed message of ``topic`` up to its end when called."""
+def _read_to_end(consumer: Consumer, admin: AdminClient, topic: str) -> Iterator[Message]:
+    """Every committed message of ``topic`` up to its high watermark when called."""
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:
             raise ServiceUnavailable(f"kafka: topic {topic}: {meta.error.str()}")
-        parts = sorted(meta.partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
     except KafkaException as exc:
         raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    parts = sorted(meta.partitions)
+    found = end_offsets(admin, [TopicPartition(topic, p) for p in parts])
     # A read that ends early would take parked offsets for counted ones: never guess.
-    if not parts or any(end < 0 for end in ends.values()):
-        raise ServiceUnavailable(f"kafka: the end offsets of {topic} are not known yet ({ends})")
+    if not parts or any(end is None or end < 0 for end in found):
+        raise ServiceUnavailable(f"kafka: the end offsets of {topic} are not known yet ({found})")
+    ends = {p: end for p, end in zip(parts, found, strict=True) if end is not None}
     pending = {p for p, end in ends.items() if end > 0}
     if not pending:
         return

@@ -4,19 +4,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from .errors import ServiceUnavailable
 from .latency import merge
 from .settings import Settings
 from .store import AggregateStore, Source
+from .topics import end_offsets
 
 ALIVE_WITHIN_MS = 10_000  # workers refresh their heartbeat every 2 s
-# _NOENT: list_offsets found no leader for the partition: a topic not created yet, or a
-# partition just created or moving between brokers (its end is unknown for a moment).
-_MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
-            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._NOENT)
 
 
 def _partition_count(admin: AdminClient, topic: str, configured: int) -> int:
@@ -30,25 +27,8 @@ def _partition_count(admin: AdminClient, topic: str, configured: int) -> int:
 
 
 def _end_offsets(admin: AdminClient, topic: str, partitions: int) -> list[int | None]:
-    """Each partition's end offset, in one request; None where the topic does not exist yet.
-
-    An admin request, not a consumer: a consumer has a group, and closing it could
-    wait for ever on the group coordinator (``orders status --watch`` hung on Ctrl-C).
-    """
-    wanted = [TopicPartition(topic, p) for p in range(partitions)]
-    if not wanted:
-        return []
-    futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in wanted}, request_timeout=5)
-    ends: list[int | None] = []
-    for tp in wanted:
-        try:
-            ends.append(futures[tp].result().offset)
-        except KafkaException as exc:
-            if exc.args[0].code() in _MISSING:
-                ends.append(None)  # not created yet, or without a leader right now
-                continue
-            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-    return ends
+    """Each partition's end offset; None where the topic does not exist yet."""
+    return end_offsets(admin, [TopicPartition(topic, p) for p in range(partitions)])
 
 
 @dataclass

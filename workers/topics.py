@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from .errors import ServiceUnavailable, TopicConfigError
 from .settings import Settings
@@ -15,6 +16,37 @@ METADATA_TIMEOUT_S = 5  # short: a stop request is noticed between attempts
 # Retry and DLQ messages carry the original value plus headers: give them room
 # for the largest value the orders topic can hold, so no order is too big to park.
 PARKING_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+# _NOENT: list_offsets found no leader for the partition: a topic not created yet, or a
+# partition just created or moving between brokers (its end is unknown for a moment).
+_MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
+            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._NOENT)
+
+
+def end_offsets(admin: AdminClient, partitions: Sequence[TopicPartition]) -> list[int | None]:
+    """Each partition's end, in one request; None where it does not exist (yet) or has no leader.
+
+    The end is the high watermark: it includes open transactions. (A
+    ``read_committed`` consumer's watermark is the last stable offset instead,
+    which stops at the first open transaction of any producer.) An admin request,
+    not a consumer: a consumer has a group, and closing it could wait for ever on
+    the group coordinator (``orders status --watch`` hung on Ctrl-C).
+    Raises ServiceUnavailable if Kafka does not answer.
+    """
+    if not partitions:
+        return []
+    futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, request_timeout=METADATA_TIMEOUT_S)
+    ends: list[int | None] = []
+    for tp in partitions:
+        try:
+            ends.append(futures[tp].result().offset)
+        except KafkaException as exc:
+            if exc.args[0].code() in _MISSING:
+                ends.append(None)
+                continue
+            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    return ends
 
 
 def wanted_topics(settings: Settings) -> dict[str, int]:
