@@ -57,3 +57,17 @@ def make_settings():
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long fault scenarios first: a lane never ends the run alone with one of them."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--dist loadgroup`` every xdist_group test must carry its group in its id.
+
+    That suffix is how pytest-xdist keeps a group in one lane. pytest 9.2 stopped
+    honouring it (requirements-dev.txt) and each lane silently started its own bed.
+    """
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"xdist_group ignored by this pytest/pytest-xdist pair, e.g. {lost[0]}")
