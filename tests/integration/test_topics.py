@@ -28,7 +28,12 @@ def test_bootstrap_keeps_an_existing_topics_partition_count(settings):
         settings.orders_topic].result()
     wait_until(lambda: settings.orders_topic in partition_counts(admin), "the topic is in the metadata")
     assert sorted(ensure_topics(admin, settings)) == sorted([settings.retry_topic, settings.dlq_topic])
-    counts = partition_counts(admin)
+    # A created topic reaches the brokers' metadata a moment after CreateTopics returns.
+    def created() -> dict[str, int] | None:
+        counts = partition_counts(admin)
+        return counts if settings.retry_topic in counts else None
+
+    counts = wait_until(created, "the created topics are in the metadata")
     assert counts[settings.orders_topic] == 5 and counts[settings.retry_topic] == settings.retry_partitions
 
 
