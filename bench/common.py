@@ -69,14 +69,16 @@ class Resources:
             return
         admin = make_admin(self._settings[0])
         existing = set(admin.list_topics(timeout=10).topics)
-        topics = sorted({t for s in self._settings for t in (s.orders_topic, s.retry_topic, s.dlq_topic)} & existing)
+        named = {t for s in self._settings for t in (s.orders_topic, s.retry_topic, s.dlq_topic)}
+        topics = sorted(named & existing)
         _wait_all(admin.delete_topics(topics, operation_timeout=30) if topics else {})
         prefixes = tuple(s.group_prefix for s in self._settings)
         groups = [g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid
                   if g.group_id.startswith(prefixes)]
         _wait_all(admin.delete_consumer_groups(groups, request_timeout=30) if groups else {})
         keys = sum(AggregateStore(make_redis(s), s.redis_prefix).clear() for s in self._settings)
-        subjects = delete_subjects(self._settings[0], [subject_for(t) for t in topics])
+        # Every named topic's subject: one may be registered without its topic (the pools' feed).
+        subjects = delete_subjects(self._settings[0], [subject_for(t) for t in sorted(named)])
         log.info("cleanup topics=%d groups=%d redis_keys=%d subjects=%d", len(topics), len(groups), keys, subjects)
 
 

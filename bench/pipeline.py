@@ -20,6 +20,8 @@ import logging
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,11 +109,31 @@ class Watcher(threading.Thread):
             raise self.error
 
 
-def drain(env: dict, total: int, timeout: float, hosts: int = 1) -> dict:
+def wait_spread(store: AggregateStore, sources: list[Source], hosts: int, timeout: float = 90) -> None:
+    """Until each source is owned by exactly one live worker, and ``hosts`` hosts own some (heartbeats say)."""
+    wanted = {str(s) for s in sources}
+    deadline = time.monotonic() + timeout
+    while True:
+        beats = [b for b in live_workers(store)["workers"].values() if b and b.get("role") == "consumer"]
+        owners = Counter(s for b in beats for s in b.get("positions", {}) if s in wanted)
+        owning = {b.get("host") for b in beats if wanted & set(b.get("positions", {}))}
+        if all(owners[s] == 1 for s in wanted) and len(owning) == hosts:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the partitions were not spread over {hosts} hosts in {timeout:.0f} s: "
+                               f"owners={dict(owners)} hosts={sorted(map(str, owning))}")
+        time.sleep(0.2)
+
+
+def drain(env: dict, total: int, timeout: float, hosts: int = 1,
+          feed: Callable[[], None] | None = None) -> dict:
     """Start the supervised pool on the backlog and wait until it has handled ``total`` orders.
 
     With ``hosts`` > 1, that many pools (supervisord instances with their own
     ORDERS_HOST, as on separate machines) share the backlog through the consumer group.
+    With ``feed``, the pools start on an empty topic; once the group has spread its
+    partitions over them, ``feed`` writes the ``total`` orders (pools started one
+    after another would otherwise let the first drain most of a backlog alone).
     """
     settings = Settings.from_env(env)
     store = AggregateStore(make_redis(settings), settings.redis_prefix)
@@ -126,6 +148,9 @@ def drain(env: dict, total: int, timeout: float, hosts: int = 1) -> dict:
         try:
             for pool in pools:
                 pool.start()
+            if feed is not None:
+                wait_spread(store, watcher.sources, hosts)
+                feed()
             watcher.wait(timeout)
         except BaseException:
             for pool in pools:
