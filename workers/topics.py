@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from .errors import ServiceUnavailable, TopicConfigError
@@ -21,7 +21,9 @@ PARKING_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # _NOENT: list_offsets found no leader for the partition: a topic not created yet, or a
 # partition just created or moving between brokers (its end is unknown for a moment).
 _MISSING = (KafkaError._UNKNOWN_PARTITION, KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART,
-            KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError._NOENT)
+            KafkaError.LEADER_NOT_AVAILABLE, KafkaError._NOENT)
+# The admin client's cached leader (or its epoch) is out of date: a broker restarted, or leadership moved.
+_STALE_LEADER = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH)
 
 
 def end_offsets(admin: AdminClient, partitions: Sequence[TopicPartition]) -> list[int | None]:
@@ -36,17 +38,43 @@ def end_offsets(admin: AdminClient, partitions: Sequence[TopicPartition]) -> lis
     """
     if not partitions:
         return []
+    ends, stale = _list_ends(admin, partitions)
+    if stale:
+        # The admin client sends the leader epochs it cached, and a restarted or
+        # re-elected leader fences them; librdkafka does not refresh its cache on
+        # that answer (it would keep failing until the cache expires, 15 minutes).
+        _refresh_metadata(admin, sorted({tp.topic for tp in stale}))
+        ends, stale = _list_ends(admin, partitions)
+    return ends
+
+
+def _list_ends(admin: AdminClient, partitions: Sequence[TopicPartition]
+               ) -> tuple[list[int | None], list[TopicPartition]]:
+    """The ends (None where unknown), and the partitions whose leader the admin client has wrong."""
     futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, request_timeout=METADATA_TIMEOUT_S)
     ends: list[int | None] = []
+    stale: list[TopicPartition] = []
     for tp in partitions:
         try:
             ends.append(futures[tp].result().offset)
         except KafkaException as exc:
-            if exc.args[0].code() in _MISSING:
-                ends.append(None)
-                continue
+            code = exc.args[0].code()
+            if code not in _MISSING and code not in _STALE_LEADER:
+                raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+            ends.append(None)
+            if code in _STALE_LEADER:
+                stale.append(tp)
+    return ends, stale
+
+
+def _refresh_metadata(admin: AdminClient, topics: list[str]) -> None:
+    """Have the admin client ask the brokers for these topics' leaders again (a Metadata request)."""
+    futures = admin.describe_topics(TopicCollection(topics), request_timeout=METADATA_TIMEOUT_S)
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-    return ends
 
 
 def wanted_topics(settings: Settings) -> dict[str, int]:

@@ -1,13 +1,14 @@
 import dataclasses
 
 import pytest
+from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from workers.clients import make_admin, wait_for
 from workers.errors import ServiceUnavailable
-from workers.topics import ensure_topics, partition_counts
+from workers.topics import end_offsets, ensure_topics, partition_counts
 
-from ..pool import wait_until
+from ..pool import stack, wait_until
 
 
 def test_bootstrap_creates_topics_once(settings):
@@ -42,3 +43,31 @@ def test_kafka_down_is_reported_as_unavailable(settings):
     admin = make_admin(down)
     with pytest.raises(ServiceUnavailable, match="kafka"):
         wait_for(lambda: ensure_topics(admin, down), "kafka", deadline_s=1, first_delay_s=0.1)
+
+
+def test_end_offsets_after_a_broker_restart(settings):
+    """A restarted broker fences the partitions' old leader epoch: the admin client must learn the new one.
+
+    Before, the long-lived admin client kept the epoch it had cached, and every
+    ListOffsets after the restart failed with FENCED_LEADER_EPOCH until the cache
+    expired (15 minutes): the retry worker, rewinding, waited on the log of
+    record for the rest of test_broker_restart.
+    """
+    admin = make_admin(settings)
+    ensure_topics(admin, settings)
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for _ in range(3):
+        producer.produce(settings.orders_topic, value=b"x", partition=0)
+    assert producer.flush(30) == 0
+    partitions = [TopicPartition(settings.orders_topic, 0), TopicPartition(settings.retry_topic, 1)]
+
+    def ends_known() -> list[int | None] | None:
+        try:
+            ends = end_offsets(admin, partitions)
+        except ServiceUnavailable:
+            return None
+        return ends if ends == [3, 0] else None
+
+    wait_until(ends_known, "the end offsets are read")  # the admin client caches the leaders and their epochs
+    stack("restart", "kafka")
+    wait_until(ends_known, "the end offsets are read again after the restart", timeout=90)
