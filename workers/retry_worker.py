@@ -134,9 +134,10 @@ class RetryWorker(BatchWorker):
             except MalformedEnvelope as exc:
                 self.settle(batch, plan, msg, -1, 0, None, malformed=MalformedRetry(str(exc)))
                 continue
-            if self.settle(batch, plan, msg, provenance.partition, attempt, provenance):
-                log.info("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
-                         message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
+            counted = self.settle(batch, plan, msg, provenance.partition, attempt, provenance)
+            if counted and log.isEnabledFor(logging.DEBUG):  # one per order: the progress line counts them
+                log.debug("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
+                          message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
 
     def _order_partition_exists(self, partition: int) -> bool:
         if 0 <= partition < self.order_partitions:
