@@ -105,7 +105,8 @@ def main() -> None:
             starter = threading.Thread(target=pool.start, daemon=True)
             starter.start()
             try:
-                pid = worker_pid(AggregateStore(make_redis(settings), settings.redis_prefix), "partition-0")
+                pid = worker_pid(AggregateStore(make_redis(settings), settings.redis_prefix),
+                                 settings.member("consumer", 0))
                 processes = process_times([pid])
                 log.info("recording partition-0 pid=%d for %.0f s", pid, args.seconds)
                 record(pid, args.seconds, out, idle=not args.cpu_only)

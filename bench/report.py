@@ -18,11 +18,14 @@ ROWS: dict[str, tuple[str, str, str | None, Callable[[float], bool] | None]] = {
     "latency_p99_ms": ("latency p99 at steady rate", "ms", "<= 50 ms", lambda v: v <= 50),
     "latency_max_ms": ("latency max at steady rate", "ms", None, None),
     "producer_orders_per_s": ("producer: produce_orders (--rate 0)", "/s", None, None),
+    "loop_producer_per_s": ("producer: hand-written loop (make, encode, produce)", "/s", None, None),
+    "producer_to_loop": ("produce_orders / hand-written loop", "x", ">= 0.8", lambda v: v >= 0.8),
     "bare_producer_per_s": ("producer: bare, pre-encoded, same config", "/s", None, None),
-    "producer_to_bare": ("produce_orders / bare producer", "x", ">= 0.8", lambda v: v >= 0.8),
+    "producer_to_bare": ("produce_orders / bare producer (librdkafka alone)", "x", None, None),
     "naive_orders_per_s": ("naive tutorial worker, 3 procs", "/s", None, None),
     "pipeline_to_naive": ("pipeline / naive", "x", None, None),
     "rss_peak_mb_max": ("worker RSS peak, highest worker", "MB", "<= 100 MB", lambda v: v <= 100),
+    "rss_peak_mb_retry": ("retry worker RSS peak (10% failures)", "MB", "<= 80 MB", lambda v: v <= 80),
     "pools_1_orders_per_s": ("pools: 1 pool x 3 workers, 6 partitions", "/s", None, None),
     "pools_2_orders_per_s": ("pools: 2 pools x 3 workers, same machine", "/s", None, None),
     "pools_2_to_1": ("2 pools / 1 pool (one 2-core machine: no speed-up)", "x", None, None),
@@ -67,6 +70,8 @@ def build_report(raw: dict, meta: dict) -> dict:
     if "producer" in raw:
         f.median_of("producer_orders_per_s", [r["orders_per_s"] for r in raw["producer"]])
         f.median_of("bare_producer_per_s", [r["bare_per_s"] for r in raw["producer"]])
+        if all("loop_per_s" in r for r in raw["producer"]):
+            f.median_of("loop_producer_per_s", [r["loop_per_s"] for r in raw["producer"]])
     if "naive" in raw:
         f.median_of("naive_orders_per_s", raw["naive"])
     for hosts in (1, 2):
@@ -75,11 +80,15 @@ def build_report(raw: dict, meta: dict) -> dict:
     f.ratio("pools_2_to_1", "pools_2_orders_per_s", "pools_1_orders_per_s", paired=True)
     f.ratio("pipeline_to_ceiling", "pipeline_orders_per_s", "ceiling_orders_per_s")
     f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s", paired=True)
+    f.ratio("producer_to_loop", "producer_orders_per_s", "loop_producer_per_s", paired=True)
     f.ratio("producer_to_bare", "producer_orders_per_s", "bare_producer_per_s", paired=True)
     f.ratio("pipeline_to_naive", "pipeline_orders_per_s", "naive_orders_per_s")
     rss = rss_peaks(raw)
     if rss:
         f.values["rss_peak_mb_max"] = max(rss.values())
+        retry = [mb for name, mb in rss.items() if "retry" in name]
+        if retry:
+            f.values["rss_peak_mb_retry"] = max(retry)
     figures = {k: f.values[k] for k in ROWS if k in f.values}
     targets = {k: {"target": ROWS[k][2], "met": met(v)} for k, v in figures.items() if (met := ROWS[k][3])}
     return {"meta": meta, "figures": figures, "repetitions": f.reps, "targets": targets,

@@ -152,7 +152,8 @@ def _run_worker(settings: Settings, worker_cls, stop, **kwargs) -> None:
     membership = {"group.protocol": "consumer"} if kwargs.pop("member", False) else {}
     worker = worker_cls(
         settings,
-        consumer=make_consumer(settings, kwargs.pop("group_id"), **membership),
+        consumer=make_consumer(settings, kwargs.pop("group_id"), **membership,
+                               **worker_cls.consumer_overrides(settings)),
         producer=make_producer(settings, transactional_id=kwargs.pop("transactional_id")),
         admin=make_admin(settings),
         store=store,

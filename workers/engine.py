@@ -300,6 +300,11 @@ class BatchWorker:
     def poll(self) -> list[Message]:
         return self.fetch(self.settings.poll_timeout_s)
 
+    @classmethod
+    def consumer_overrides(cls, settings: Settings) -> dict:
+        """librdkafka settings of this kind of worker's consumer, beyond clients.consumer_conf."""
+        return {}
+
     def fetch(self, timeout: float) -> list[Message]:
         """Up to batch_size messages, returning as soon as one is there.
 

@@ -37,11 +37,12 @@ class PartitionWorker(BatchWorker):
         # Fetch unknown writer schemas first: a registry outage stalls the batch
         # (and is retried) instead of dead-lettering good orders.
         wait_for(lambda: self.serde.prefetch(m.value() for m in messages), "schema registry", should_stop=self.stop)
-        batches: dict[Source, tuple[SourceBatch, int]] = {}
+        batches: dict[tuple[str | None, int | None], tuple[SourceBatch, int]] = {}
         for msg in messages:
-            source = source_of(msg)
-            if source not in batches:
-                batches[source] = plan.batch_for(source, self.known[source]), self.fresh_from(source)
-            batch, fresh = batches[source]
-            self.settle(batch, plan, msg, source.partition, FIRST_ATTEMPT, provenance=None, fresh=fresh)
+            key = msg.topic(), msg.partition()
+            if key not in batches:
+                source = source_of(msg)
+                batches[key] = plan.batch_for(source, self.known[source]), self.fresh_from(source)
+            batch, fresh = batches[key]
+            self.settle(batch, plan, msg, batch.source.partition, FIRST_ATTEMPT, provenance=None, fresh=fresh)
         return plan

@@ -1,10 +1,14 @@
 """The retry worker: re-attempts orders from the delayed retry topic once they are due.
 
-A message waits in memory until its due time while its partition is paused, so
-the worker never sleeps past ``max.poll.interval.ms`` and never busy-waits: it
-polls with a timeout that ends at the next due time (at most ``poll_timeout_s``).
-Messages of one retry partition are handled in offset order; one due later
-than the messages behind it delays them (never makes anything early).
+A message waits in memory until its due time, so the worker never sleeps past
+``max.poll.interval.ms`` and never busy-waits: it polls with a timeout that ends
+at the next due time (at most ``poll_timeout_s``). It keeps fetching while
+messages wait, up to RETRY_BUFFER_BYTES of them (keys, values and headers); at
+that bound it pauses its partitions until the buffer is below it again. The
+bound is in bytes, not messages, because a retry message carries the order's
+value, which may be up to the topic's size limit. Messages of one retry
+partition are handled in offset order; one due later than the messages behind
+it delays them (never makes anything early).
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ class RetryWorker(BatchWorker):
         # A partition that moves keeps its due times: they travel in the headers, and
         # the new owner reads the waiting messages again from K.
         self.subscription = settings.retry_topic
-        self.waiting: dict[Source, deque] = {}
+        self.waiting: dict[Source, deque] = {}  # per source: (message, due_ms, bytes), in offset order
+        self.waiting_bytes = 0
         self.paused: set[Source] = set()
         self.order_partitions = settings.partitions  # of the orders topic: refreshed as partitions are added
 
@@ -52,14 +57,24 @@ class RetryWorker(BatchWorker):
             self.waiting[source] = deque()
         self.order_partitions = self._partitions.get(self.settings.orders_topic, self.order_partitions)
 
+    @classmethod
+    def consumer_overrides(cls, settings) -> dict:
+        # librdkafka prefetches up to 64 MiB (queued.max.messages.kbytes) by default:
+        # give it the same budget as the worker's own buffer.
+        return {"queued.max.messages.kbytes": settings.retry_buffer_bytes // 1024,
+                "queued.min.messages": settings.batch_size}
+
     def on_released(self, sources: Set[Source]) -> None:
         for source in sources:
-            self.waiting.pop(source, None)
+            queue = self.waiting.pop(source, None)
+            if queue:
+                self.waiting_bytes -= sum(size for _, _, size in queue)
         self.paused -= sources
 
     def on_reassign(self) -> None:
         for queue in self.waiting.values():
             queue.clear()
+        self.waiting_bytes = 0
         # A partition paused before the rewind must fetch again from its new offset.
         if self.paused:
             self.consumer.resume([TopicPartition(s.topic, s.partition) for s in self.paused])
@@ -73,7 +88,8 @@ class RetryWorker(BatchWorker):
         return self.fetch(timeout)
 
     def heartbeat_extra(self) -> dict:
-        return {"waiting": sum(len(q) for q in self.waiting.values()), "next_due_ms": self._next_due_ms()}
+        return {"waiting": sum(len(q) for q in self.waiting.values()), "waiting_bytes": self.waiting_bytes,
+                "next_due_ms": self._next_due_ms()}
 
     def _next_due_ms(self) -> int | None:
         heads = [q[0][1] for q in self.waiting.values() if q]
@@ -81,9 +97,12 @@ class RetryWorker(BatchWorker):
 
     def plan(self, messages: Sequence[Message]) -> BatchPlan:
         for msg in messages:
-            self.waiting[source_of(msg)].append((msg, self._due_ms(msg)))
+            size = message_bytes(msg)
+            self.waiting[source_of(msg)].append((msg, self._due_ms(msg), size))
+            self.waiting_bytes += size
         plan = BatchPlan()
-        due_now = [m for q in self.waiting.values() for m, due in q if due <= now_ms()]
+        now = now_ms()
+        due_now = [m for q in self.waiting.values() for m, due, _ in q if due <= now]
         if due_now:
             wait_for(lambda: self.serde.prefetch(m.value() for m in due_now), "schema registry", should_stop=self.stop)
         for source, queue in self.waiting.items():
@@ -121,7 +140,8 @@ class RetryWorker(BatchWorker):
     def _take_due(self, source: Source, queue: deque, plan: BatchPlan) -> None:
         batch = None
         while queue and queue[0][1] <= now_ms():
-            msg, due = queue.popleft()
+            msg, due, size = queue.popleft()
+            self.waiting_bytes -= size
             if batch is None:
                 batch = plan.batch_for(source, self.known[source])
             headers = header_dict(msg.headers())
@@ -155,12 +175,27 @@ class RetryWorker(BatchWorker):
         return len(meta.partitions)
 
     def _pause_waiting(self) -> None:
-        """Pause partitions with messages waiting (bounds memory), resume drained ones."""
-        to_pause = [s for s, q in self.waiting.items() if q and s not in self.paused]
-        to_resume = [s for s, q in self.waiting.items() if not q and s in self.paused]
+        """At RETRY_BUFFER_BYTES waiting, pause every partition; below it, resume them."""
+        full = self.waiting_bytes >= self.settings.retry_buffer_bytes
+        to_pause = [s for s in self.waiting if s not in self.paused] if full else []
+        to_resume = [] if full else [s for s in self.waiting if s in self.paused]
         if to_pause:
             self.consumer.pause([TopicPartition(s.topic, s.partition) for s in to_pause])
             self.paused.update(to_pause)
         if to_resume:
             self.consumer.resume([TopicPartition(s.topic, s.partition) for s in to_resume])
             self.paused.difference_update(to_resume)
+
+
+# What a waiting message holds beyond its key, value and headers (the Message
+# object, its tuple in the queue): an estimate, so that small messages count too.
+MESSAGE_OVERHEAD_BYTES = 200
+
+
+def message_bytes(msg: Message) -> int:
+    """The memory a waiting message holds, near enough: key, value, headers and overhead."""
+    size = MESSAGE_OVERHEAD_BYTES + len(msg.value() or b"") + len(msg.key() or b"")
+    headers = msg.headers() or []
+    for name, value in headers.items() if isinstance(headers, dict) else headers:
+        size += len(name) + (len(value) if value is not None else 0)
+    return size

@@ -111,6 +111,8 @@ class OrderSerde:
         self._writers: dict[int, AvroSchema | None] = {}
         self._misses: dict[int, float] = {}  # id -> when the miss is forgotten (clock)
         self._writer_id: int | None = None
+        self._header = b""
+        self._out = io.BytesIO()  # encode's buffer, reused
         self._writer: AvroSchema | None = None
 
     # -- writing ---------------------------------------------------------------
@@ -128,16 +130,19 @@ class OrderSerde:
                 raise ServiceUnavailable(f"schema registry: {exc}") from exc
             raise SchemaMismatch(f"registry rejected the schema for subject {subject_for(topic)}: {exc}") from exc
         self._writer_id = schema_id
+        self._header = _HEADER.pack(MAGIC_BYTE, schema_id)
         self._writer = fastavro.parse_schema(raw)
         self._writers[schema_id] = self._writer
         return schema_id
 
     def encode(self, order: dict) -> bytes:
-        """Serialize one order with the registered writer schema."""
+        """Serialize one order with the registered writer schema (into one reused buffer)."""
         if self._writer is None or self._writer_id is None:
             raise RuntimeError("register() must be called before encode()")
-        out = io.BytesIO()
-        out.write(_HEADER.pack(MAGIC_BYTE, self._writer_id))
+        out = self._out
+        out.seek(0)
+        out.truncate()
+        out.write(self._header)
         fastavro.schemaless_writer(out, self._writer, order)
         return out.getvalue()
 

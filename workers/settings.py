@@ -101,6 +101,9 @@ class Settings:
     max_retries: int = 3
     retry_backoff_ms: int = 1000
     retry_backoff_multiplier: float = 2.0
+    # Bytes of retry messages not yet due that a retry worker keeps in memory; at the
+    # bound it pauses its partitions. librdkafka's prefetch for it gets as much again.
+    retry_buffer_bytes: int = 16 * 1024 * 1024
     max_price: float = 1_000_000.0
 
     # How often an idle worker commits its unchanged offsets again, so that Kafka
@@ -149,6 +152,7 @@ class Settings:
             (self.retry_backoff_ms >= 0, "RETRY_BACKOFF_MS must be >= 0"),
             (self.retry_backoff_multiplier >= 1.0, "RETRY_BACKOFF_MULTIPLIER must be >= 1"),
             (self.batch_size >= 1, "BATCH_SIZE must be >= 1"),
+            (self.retry_buffer_bytes >= 1024 * 1024, "RETRY_BUFFER_BYTES must be >= 1048576 (1 MiB)"),
             (self.offsets_refresh_s > 0, "OFFSETS_REFRESH_S must be > 0"),
             (self.transaction_timeout_ms >= 1000, "TRANSACTION_TIMEOUT_MS must be >= 1000"),
             (0 < self.poll_timeout_s <= 1.0, "POLL_TIMEOUT_S must be in (0, 1]"),
@@ -259,6 +263,7 @@ _ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_retries": ("RETRY_MAX", int),
     "retry_backoff_ms": ("RETRY_BACKOFF_MS", int),
     "retry_backoff_multiplier": ("RETRY_BACKOFF_MULTIPLIER", float),
+    "retry_buffer_bytes": ("RETRY_BUFFER_BYTES", int),
     "max_price": ("ORDERS_MAX_PRICE", float),
     "produce_rate": ("PRODUCE_RATE", float),
     "schema_path": ("ORDER_SCHEMA_PATH", Path),

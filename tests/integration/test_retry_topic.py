@@ -8,11 +8,12 @@ import pytest
 from confluent_kafka import Producer
 
 from workers import envelope as env_headers
-from workers.clients import make_registry
+from workers.clients import make_redis, make_registry
 from workers.processing import price_cents
 from workers.producer import random_orders
 from workers.serde import OrderSerde, load_schema
 from workers.settings import Settings
+from workers.store import AggregateStore
 
 from ..conftest import isolated_env
 from ..pool import dead_letters, run_orders, stats, wait_until
@@ -65,3 +66,48 @@ def test_a_due_time_years_ahead_is_dead_lettered_not_waited_for(env, tmp_path):
         workers.assert_alive_and_clean()
     finally:
         assert workers.stop() == {"retry": 0}
+
+
+def test_waiting_retries_are_bounded_by_bytes(tmp_path):
+    """Retries not yet due fill the retry worker's memory up to RETRY_BUFFER_BYTES, not to what the topic holds.
+
+    1,000 retries of 10 KB orders (10 MB) all come due 20 s from now; the bound is
+    1 MiB. While they wait, the worker holds at most the bound plus what one poll
+    returns (librdkafka's prefetch is capped at the bound too); when they are due,
+    every one is counted once.
+    """
+    env = isolated_env("retrybytes", ORDERS_FAILURE_RATE="0", RETRY_BACKOFF_MS="200",
+                       RETRY_BUFFER_BYTES=str(1024 * 1024))
+    settings = Settings.from_env(env)
+    try:
+        run_orders(env, "init")
+        serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+        serde.register(settings.orders_topic)
+        orders = [{**o, "product": "p" * 10_000} for o in itertools.islice(random_orders(seed=4), 1000)]
+        due = int(time.time() * 1000) + 20_000
+        producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+        for offset, order in enumerate(orders):
+            producer.produce(settings.retry_topic, key=order["orderId"].encode(), value=serde.encode(order),
+                             partition=offset % settings.retry_partitions, headers=retry_message(settings, offset, due))
+            producer.poll(0)
+        assert producer.flush(30) == 0
+        store = AggregateStore(make_redis(settings), settings.redis_prefix)
+        member = settings.member("retry", 0)
+        workers = Workers(env, tmp_path, partitions=0)
+        try:
+            workers.start()
+            peak = 0
+            while time.time() * 1000 < due - 2000:  # sample the buffer until just before the retries are due
+                beat = store.snapshot(0, workers=[member])["workers"][member]
+                if beat and beat.get("waiting"):
+                    peak = max(peak, beat["waiting"])
+                time.sleep(0.1)
+            held = peak * 10_300  # each: a 10 KB value, its key and its headers
+            assert 0 < held <= 3 * 1024 * 1024, f"{peak} retries waiting in memory"
+            wait_until(lambda: stats(env)["count"] == len(orders), "every retry is counted", timeout=60)
+            assert round(stats(env)["sum"] * 100) == sum(price_cents(o) for o in orders)
+            workers.assert_alive_and_clean()
+        finally:
+            assert workers.stop() == {"retry": 0}
+    finally:
+        cleanup(settings)

@@ -61,6 +61,43 @@ def test_overlapping_batch_counts_only_the_new_part(store):
     assert store.snapshot(1)["total"].cents == 305
 
 
+def counted_batch(known: int | None, offsets: range, target_of=lambda o: o % 3, cents_of=lambda o: 100 + o):
+    """A batch built as the workers build one: ``count`` per order (summed unless it needs a look)."""
+    batch = SourceBatch(SRC, to_offset=offsets.stop, known_offset=known)
+    for offset in offsets:
+        batch.count(offset, target_of(offset), cents_of(offset))
+    return batch
+
+
+def test_summed_orders_count_once_per_target(store):
+    batch = counted_batch(None, range(0, 6))
+    assert batch.items == [] and batch.sums == {0: [2, 203], 1: [2, 205], 2: [2, 207]}  # nothing sent per order
+    r = apply(store, batch)
+    assert (r.status, r.counted, r.offset) == (APPLIED, 6, 6)
+    snap = store.snapshot(3)
+    assert [(p.count, p.cents) for p in snap["partitions"]] == [(2, 203), (2, 205), (2, 207)]
+    assert apply(store, batch).status == STATE_AHEAD  # the same batch again: nothing applied
+    assert store.snapshot(3)["total"] == snap["total"]
+
+
+def test_summed_batch_after_a_rewind_counts_only_past_r(store):
+    apply(store, counted_batch(None, range(0, 4)))
+    again = counted_batch(4, range(2, 7))  # a rewind re-reads 2..3: below R, looked at one by one and skipped
+    assert [item[0] for item in again.items] == [2, 3] and again.sum_from == 4
+    r = apply(store, again)
+    assert (r.status, r.counted, r.offset) == (APPLIED, 3, 7)
+    assert store.snapshot(3)["total"].count == 7
+
+
+def test_sums_from_below_r_are_refused(store):
+    """The script's own check: sums that reach below the stored R are an error, never a double count."""
+    apply(store, counted_batch(None, range(0, 4)))
+    bad = SourceBatch(SRC, to_offset=6, known_offset=4, sums={0: [3, 300]}, sum_from=3)
+    with pytest.raises(redis.ResponseError, match="below R"):
+        apply(store, bad)
+    assert store.snapshot(3)["total"].count == 4
+
+
 def test_lost_state_is_reported_not_overwritten(store):
     r = apply(store, SourceBatch(SRC, to_offset=9, known_offset=8, items=[(8, 0, 100, "")]))
     assert r.status == STATE_LOST
