@@ -658,7 +658,12 @@ class BatchWorker:
         self._maybe_commit()
 
     def _uncommitted(self) -> bool:
-        return any(p is not None and p != self.committed.get(s) for s, p in self.position.items())
+        """A position past its K (a position below K has nothing to commit: see _offsets_to_commit)."""
+        for s, p in self.position.items():
+            k = self.committed.get(s)
+            if p is not None and (k is None or p > k):
+                return True
+        return False
 
     def _publish(self, out: list[OutMessage]) -> None:
         """Produce retry/DLQ messages into the open transaction (opening one if needed)."""
@@ -685,9 +690,23 @@ class BatchWorker:
             self._commit(refresh=True)
 
     def _offsets_to_commit(self, refresh: bool = False) -> list[TopicPartition]:
-        """Positions to commit as K, each tagged with its topic's id (see _committed_offsets)."""
-        return [TopicPartition(s.topic, s.partition, p, metadata=self.topic_ids.get(s.topic))
-                for s, p in self.position.items() if p is not None and (refresh or p != self.committed.get(s))]
+        """Positions to commit as K, each tagged with its topic's id (see _committed_offsets).
+
+        Never below the K already committed: K says every side effect below it is
+        published. A source rebuilt from the log (Redis lost) is below its K for a
+        while; committing its position there would make the next owner, finding
+        R = K, decide the orders between the two again (parked twice, counted
+        twice). Until it passes K such a source has nothing new to commit.
+        """
+        offsets = []
+        for s, p in self.position.items():
+            if p is None:
+                continue
+            k = self.committed.get(s)
+            target = p if k is None else max(p, k)
+            if refresh or target != k:
+                offsets.append(TopicPartition(s.topic, s.partition, target, metadata=self.topic_ids.get(s.topic)))
+        return offsets
 
     def _commit(self, refresh: bool = False) -> None:
         """Commit the open transaction (or one with only offsets) with every position handled."""

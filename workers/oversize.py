@@ -57,9 +57,19 @@ def limit_bytes(settings: Settings, topic: str | None = None) -> int:
     refuses a batch over its max.message.bytes, and a message this large is a
     batch of its own. A topic that rejected a smaller one is held to that.
     """
-    producer_max = int(producer_conf(settings)["message.max.bytes"])
-    limit = min(producer_max, PARKING_MAX_MESSAGE_BYTES) - MARGIN_BYTES
+    limit = min(_producer_max(settings), PARKING_MAX_MESSAGE_BYTES) - MARGIN_BYTES
     return min(limit, _learned.get(topic, limit)) if topic else limit
+
+
+_producer_max_of: dict[int, tuple[Settings, int]] = {}  # id(settings) -> (settings, message.max.bytes)
+
+
+def _producer_max(settings: Settings) -> int:
+    """The producer's message.max.bytes for these settings (asked once per retry: kept)."""
+    kept = _producer_max_of.get(id(settings))
+    if kept is None or kept[0] is not settings:
+        kept = _producer_max_of[id(settings)] = settings, int(producer_conf(settings)["message.max.bytes"])
+    return kept[1]
 
 
 def size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]] = ()) -> int:
