@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable
 
 import psutil
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from tests.conftest import isolated_env
 from workers.clients import make_admin, make_producer, make_redis, make_registry
@@ -21,7 +21,7 @@ from workers.producer import DeliveryTally, produce_orders
 from workers.serde import OrderSerde, load_schema, subject_for
 from workers.settings import Settings
 from workers.store import AggregateStore
-from workers.topics import ensure_topics
+from workers.topics import ensure_topics, known_end_offsets
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,9 @@ def preproduce(settings: Settings, count: int, seed: int = 1) -> dict[int, int]:
 
 
 def end_offsets(settings: Settings) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "bench-watermarks"})
-    try:
-        return {p: consumer.get_watermark_offsets(TopicPartition(settings.orders_topic, p), timeout=10)[1]
-                for p in range(settings.partitions)}
-    finally:
-        consumer.close()
+    """The orders topic's end offsets by partition (the high watermarks)."""
+    partitions = [TopicPartition(settings.orders_topic, p) for p in range(settings.partitions)]
+    return dict(zip(range(settings.partitions), known_end_offsets(make_admin(settings), partitions), strict=True))
 
 
 def process_times(pids: Iterable[int]) -> dict[int, float]:

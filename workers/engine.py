@@ -83,7 +83,7 @@ from .store import (
     SourceBatch,
     Totals,
 )
-from .topics import end_offsets
+from .topics import known_end_offsets
 from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
@@ -450,10 +450,8 @@ class BatchWorker:
             described = {name: future.result() for name, future in futures.items()}
         except KafkaException as exc:
             raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-        found = end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in sources])
-        if any(end is None or end < 0 for end in found):  # unknown: never mistake it for an empty partition
-            raise ServiceUnavailable(f"kafka: end offsets not known yet: {found}")
-        ends = {s: end for s, end in zip(sources, found, strict=True) if end is not None}
+        found = known_end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in sources])
+        ends = dict(zip(sources, found, strict=True))
         self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
         self._partitions = {name: len(d.partitions) for name, d in described.items() if name != self.settings.dlq_topic}
         self._ensure_identity(force=False)

@@ -27,7 +27,7 @@ from .envelope import header_dict, parked_from
 from .errors import ServiceUnavailable
 from .settings import Settings
 from .store import DEAD, RETRIED, Source
-from .topics import end_offsets
+from .topics import known_end_offsets
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,9 @@ def _read_to_end(consumer: Consumer, admin: AdminClient, topic: str) -> Iterator
     except KafkaException as exc:
         raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
     parts = sorted(meta.partitions)
-    found = end_offsets(admin, [TopicPartition(topic, p) for p in parts])
-    # A read that ends early would take parked offsets for counted ones: never guess.
-    if not parts or any(end is None or end < 0 for end in found):
-        raise ServiceUnavailable(f"kafka: the end offsets of {topic} are not known yet ({found})")
-    ends = {p: end for p, end in zip(parts, found, strict=True) if end is not None}
+    if not parts:
+        raise ServiceUnavailable(f"kafka: topic {topic} has no partitions in the metadata yet")
+    ends = dict(zip(parts, known_end_offsets(admin, [TopicPartition(topic, p) for p in parts]), strict=True))
     pending = {p for p, end in ends.items() if end > 0}
     if not pending:
         return

@@ -48,6 +48,19 @@ def end_offsets(admin: AdminClient, partitions: Sequence[TopicPartition]) -> lis
     return ends
 
 
+def known_end_offsets(admin: AdminClient, partitions: Sequence[TopicPartition]) -> list[int]:
+    """Each partition's end, as ``end_offsets``; raises ServiceUnavailable if any is not known.
+
+    For readers that must not mistake an unknown end for an empty partition (a
+    read that ends early would take parked offsets for counted ones).
+    """
+    found = end_offsets(admin, partitions)
+    known = [end for end in found if end is not None and end >= 0]
+    if len(known) != len(found):
+        raise ServiceUnavailable(f"kafka: end offsets not known yet: {found}")
+    return known
+
+
 def _list_ends(admin: AdminClient, partitions: Sequence[TopicPartition]
                ) -> tuple[list[int | None], list[TopicPartition]]:
     """The ends (None where unknown), and the partitions whose leader the admin client has wrong."""

@@ -40,20 +40,6 @@ def make_worker(settings: Settings) -> PartitionWorker:
     )
 
 
-def run_until(worker: PartitionWorker, source: Source, end: int, timeout: float = 60) -> None:
-    """Drive the worker's loop until it has handled and committed ``source`` to ``end``."""
-    deadline = time.monotonic() + timeout
-    while worker.committed.get(source) != end:
-        assert time.monotonic() < deadline, f"not committed to {end}: {worker.committed}, at {worker.position}"
-        messages = worker.poll()
-        if messages:
-            plan = worker.plan(messages)
-            if plan.batches or plan.out:
-                worker.checkpoint(plan)
-        if worker.position.get(source) == end:
-            worker._commit()
-
-
 def test_a_rewind_finds_state_wiped_since_the_last_batch():
     env = isolated_env("rewind", ORDERS_FAILURE_RATE="1", ORDERS_PARTITIONS="1")  # every attempt fails
     settings = Settings.from_env(env)
@@ -78,7 +64,7 @@ def test_a_rewind_finds_state_wiped_since_the_last_batch():
         assert worker.store.clear() > 0  # Redis is wiped...
         worker._rewind()                 # ...and then the transaction fails.
 
-        run_until(worker, source, end)
+        drive_to(worker, source, end)
         worker.shutdown()
         parked = read_topic(settings.bootstrap_servers, settings.retry_topic)
     finally:
