@@ -109,19 +109,25 @@ class Watcher(threading.Thread):
             raise self.error
 
 
+WORKERS_PER_POOL = 3  # partition workers per pool: the ORDERS_WORKERS that tests/pool.py gives supervisor.conf
+
+
 def wait_spread(store: AggregateStore, sources: list[Source], hosts: int, timeout: float = 90) -> None:
-    """Until each source is owned by exactly one live worker, and ``hosts`` hosts own some (heartbeats say)."""
+    """Until each source is owned by exactly one live worker, ``hosts`` hosts own some, and every
+    partition worker owns some (as many as there are partitions to go round; heartbeats say)."""
     wanted = {str(s) for s in sources}
+    workers = min(len(wanted), WORKERS_PER_POOL * hosts)
     deadline = time.monotonic() + timeout
     while True:
         beats = [b for b in live_workers(store)["workers"].values() if b and b.get("role") == "consumer"]
         owners = Counter(s for b in beats for s in b.get("positions", {}) if s in wanted)
-        owning = {b.get("host") for b in beats if wanted & set(b.get("positions", {}))}
-        if all(owners[s] == 1 for s in wanted) and len(owning) == hosts:
+        holding = [b for b in beats if wanted & set(b.get("positions", {}))]
+        owning = {b.get("host") for b in holding}
+        if all(owners[s] == 1 for s in wanted) and len(owning) == hosts and len(holding) == workers:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the partitions were not spread over {hosts} hosts in {timeout:.0f} s: "
-                               f"owners={dict(owners)} hosts={sorted(map(str, owning))}")
+            raise TimeoutError(f"the partitions were not spread over {workers} workers on {hosts} hosts in "
+                               f"{timeout:.0f} s: owners={dict(owners)} hosts={sorted(map(str, owning))}")
         time.sleep(0.2)
 
 

@@ -1,11 +1,14 @@
-"""Profile one partition worker of the supervised pool while it drains a backlog.
+"""Profile one worker of the supervised pool while it drains a backlog.
 
     .venv/bin/pip install py-spy        # not a project dependency
-    .venv/bin/python bench/profile_worker.py --orders 500000 --seconds 4 [--failure-rate 0.1]
+    .venv/bin/python bench/profile_worker.py --orders 500000 --seconds 4 [--failure-rate 0.1] [--worker retry]
 
-Pre-produces the backlog, starts the pool (the real supervisor.conf), attaches
-``py-spy record --idle`` to partition-0 as soon as its heartbeat appears, and
-prints where the worker's wall time goes: per function, inclusive (the
+Starts the pool (the real supervisor.conf) on an empty topic, waits until the
+consumer group has given each partition worker its partition, feeds the backlog
+pre-encoded (as the bench's drains do: a pool started on a full topic spends its
+first seconds rebalancing, and a profile of them shows start-up, not the steady
+state), attaches ``py-spy record --idle`` to the chosen worker (consumer 0 by
+default) and prints where its wall time goes: per function, inclusive (the
 function and what it calls) and self. ``--idle`` keeps samples of a thread that
 waits (in ``consume``, a Redis reply, a Kafka commit), so the shares add up to
 wall time; ``--cpu-only`` drops them, leaving where the CPU goes. The raw py-spy output is kept in bench/results/.
@@ -24,11 +27,14 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-from bench.common import Resources, bench_env, kill_leftovers, preproduce, process_times  # noqa: E402
+from bench.common import Resources, bench_env, kill_leftovers, process_times  # noqa: E402
+from bench.pipeline import wait_spread  # noqa: E402
+from bench.producer import encoded_orders, send_all  # noqa: E402
 from tests.pool import SupervisedPool  # noqa: E402
-from workers.clients import make_redis  # noqa: E402
+from workers.clients import make_admin, make_redis  # noqa: E402
 from workers.settings import Settings  # noqa: E402
-from workers.store import AggregateStore  # noqa: E402
+from workers.store import AggregateStore, Source  # noqa: E402
+from workers.topics import ensure_topics  # noqa: E402
 
 log = logging.getLogger("bench.profile")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,12 +89,14 @@ def _short(frame: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="py-spy profile of partition-0 draining a backlog")
+    p = argparse.ArgumentParser(description="py-spy profile of one pool worker draining a backlog")
     p.add_argument("--orders", type=int, default=500_000)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--failure-rate", default="0")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--cpu-only", action="store_true", help="drop samples of a waiting thread (no --idle)")
+    p.add_argument("--worker", choices=("consumer", "retry"), default="consumer",
+                   help="slot 0 of this role (default: consumer)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     res = Resources()
@@ -96,30 +104,32 @@ def main() -> None:
     settings: Settings = res.track(env)
     RESULTS.mkdir(exist_ok=True)
     kind = "cpu" if args.cpu_only else "wall"
-    out = RESULTS / f"profile-partition-0-failure-{args.failure_rate}-{kind}.txt"
+    out = RESULTS / f"profile-{args.worker}-0-failure-{args.failure_rate}-{kind}.txt"
     processes: dict[int, float] = {}
     try:
-        preproduce(settings, args.orders)
+        values = encoded_orders(res.track(bench_env("profile-feed")), args.orders)
+        ensure_topics(make_admin(settings), settings)
+        store = AggregateStore(make_redis(settings), settings.redis_prefix)
         with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
             pool = SupervisedPool(env, Path(folder))
-            starter = threading.Thread(target=pool.start, daemon=True)
-            starter.start()
             try:
-                pid = worker_pid(AggregateStore(make_redis(settings), settings.redis_prefix),
-                                 settings.member("consumer", 0))
+                pool.start()
+                wait_spread(store, [Source(settings.orders_topic, p) for p in range(settings.partitions)], hosts=1)
+                pid = worker_pid(store, settings.member(args.worker, 0))
                 processes = process_times([pid])
-                log.info("recording partition-0 pid=%d for %.0f s", pid, args.seconds)
+                feeder = threading.Thread(target=send_all, args=(settings, values), daemon=True)
+                feeder.start()
+                log.info("recording %s-0 pid=%d for %.0f s", args.worker, pid, args.seconds)
                 record(pid, args.seconds, out, idle=not args.cpu_only)
-                starter.join(timeout=60)
+                feeder.join(timeout=120)
             finally:
                 pool.stop()
                 kill_leftovers(processes)
     finally:
         res.cleanup()
-    print(f"partition-0, {kind} time:")
+    print(f"{args.worker}-0, {kind} time:")
     print(summarise(out, args.top))
     log.info("raw py-spy output: %s", out)
-
 
 if __name__ == "__main__":
     main()
