@@ -239,20 +239,16 @@ def produce_orders(producer: Producer, serde: OrderSerde, topic: str, *, count: 
             if unreported:
                 on_progress(unreported)
                 unreported = 0
-            if sent and sent % 100000 == 0:
-                log.info("produced sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
             if rate > 0:
                 limiter.wait(producer)
                 if stop():
                     break
-        callback = report or tally.callback(order)
-        try:
-            producer.produce(topic, encode(order), order["orderId"].encode(), on_delivery=callback)
-        except BufferError:  # the client's queue is full: wait for room
-            produce_one(producer, topic, order["orderId"].encode(), encode(order), callback)
+        produce_one(producer, topic, order["orderId"].encode(), encode(order), report or tally.callback(order))
         producer.poll(0)
         sent += 1
         unreported += 1
+        if sent % 100000 == 0:
+            log.info("produced sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
     if unreported:
         on_progress(unreported)
     remaining = guard.flush(producer, FLUSH_TIMEOUT_S) if guard else producer.flush(FLUSH_TIMEOUT_S)
