@@ -31,8 +31,8 @@ from .report import build_report, render_table
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("ceiling", "pipeline", "failures", "latency", "producer", "naive", "pools")
-BACKLOG_PARTS = {"ceiling", "pipeline", "failures", "naive"}
+PARTS = ("ceiling", "pipeline", "failures", "failures3", "latency", "producer", "naive", "pools")
+BACKLOG_PARTS = {"ceiling", "pipeline", "failures", "failures3", "naive"}
 CEILING_MIN_REPS = 5
 POOLS_PARTITIONS = 6  # the pools part: 3 workers per pool, so two pools give each worker a partition
 
@@ -112,8 +112,9 @@ def run_pools(args: argparse.Namespace, res: Resources) -> dict[str, list[dict]]
 
 
 def run_drains(args: argparse.Namespace, res: Resources, total: int) -> dict[str, list[dict]]:
-    """The pool draining ``total`` orders, failure-free and with 10% failures, repetitions interleaved
-    (so that drift and other load on the machine hit both alike).
+    """The pool draining ``total`` orders, failure-free and with 10% failures (with one retry worker,
+    and with three: ``failures3``), repetitions interleaved (so that drift and other load on the
+    machine hit them alike).
 
     Each drain starts the pool on an empty topic, waits until the consumer group has
     given each worker its partition, then feeds the orders pre-encoded (as the pools
@@ -123,10 +124,11 @@ def run_drains(args: argparse.Namespace, res: Resources, total: int) -> dict[str
     counts (all three workers busy) began (2.3 s windows, figures +-30%)."""
     values = encoded_orders(res.track(bench_env("drains-feed")), total)
     raw: dict[str, list[dict]] = {}
-    parts = [p for p in ("pipeline", "failures") if p in args.parts]
+    parts = [p for p in ("pipeline", "failures", "failures3") if p in args.parts]
     for _ in range(args.reps):
         for part in parts:
-            env = bench_env(part, ORDERS_FAILURE_RATE="0.1" if part == "failures" else "0")
+            env = bench_env(part, ORDERS_FAILURE_RATE="0" if part == "pipeline" else "0.1",
+                            RETRY_WORKERS="3" if part == "failures3" else "1")
             settings = res.track(env)
             ensure_topics(make_admin(settings), settings)
             raw.setdefault(part, []).append(drain(env, total, timeout=120 + total / 2000,

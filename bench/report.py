@@ -14,6 +14,8 @@ ROWS: dict[str, tuple[str, str, str | None, Callable[[float], bool] | None]] = {
     "failures_healthy_per_s": ("10% failures: healthy (1st-attempt) orders", "/s", None, None),
     "failures_handled_per_s": ("10% failures: backlog messages handled", "/s", None, None),
     "failures_to_failure_free": ("10% failures healthy / failure-free", "x", ">= 0.9", lambda v: v >= 0.9),
+    "failures3_healthy_per_s": ("10% failures, 3 retry workers: healthy orders", "/s", None, None),
+    "failures3_to_failure_free": ("10% failures, 3 retry workers / failure-free", "x", None, None),
     "latency_p50_ms": ("latency p50 at steady rate", "ms", None, None),
     "latency_p99_ms": ("latency p99 at steady rate", "ms", "<= 50 ms", lambda v: v <= 50),
     "latency_max_ms": ("latency max at steady rate", "ms", None, None),
@@ -64,6 +66,8 @@ def build_report(raw: dict, meta: dict) -> dict:
     if "failures" in raw:
         f.median_of("failures_healthy_per_s", [r["orders_per_s"] for r in raw["failures"]])
         f.median_of("failures_handled_per_s", [r["handled_per_s"] for r in raw["failures"]])
+    if "failures3" in raw:
+        f.median_of("failures3_healthy_per_s", [r["orders_per_s"] for r in raw["failures3"]])
     if "latency" in raw:
         for q in ("p50", "p99", "max"):
             f.median_of(f"latency_{q}_ms", [r[f"{q}_ms"] for r in raw["latency"]])
@@ -80,6 +84,7 @@ def build_report(raw: dict, meta: dict) -> dict:
     f.ratio("pools_2_to_1", "pools_2_orders_per_s", "pools_1_orders_per_s", paired=True)
     f.ratio("pipeline_to_ceiling", "pipeline_orders_per_s", "ceiling_orders_per_s")
     f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s", paired=True)
+    f.ratio("failures3_to_failure_free", "failures3_healthy_per_s", "pipeline_orders_per_s", paired=True)
     f.ratio("producer_to_loop", "producer_orders_per_s", "loop_producer_per_s", paired=True)
     f.ratio("producer_to_bare", "producer_orders_per_s", "bare_producer_per_s", paired=True)
     f.ratio("pipeline_to_naive", "pipeline_orders_per_s", "naive_orders_per_s")
@@ -96,7 +101,10 @@ def build_report(raw: dict, meta: dict) -> dict:
 
 
 def rss_peaks(raw: dict) -> dict[str, float]:
-    """Each pool worker's highest RSS over every drain (failure-free and with failures)."""
+    """Each pool worker's highest RSS over every drain (failure-free and with failures).
+
+    The drains with three retry workers are left out: their retry workers share the
+    retried orders, so they would hide the peak of the single retry worker."""
     peaks: dict[str, float] = {}
     for run in raw.get("pipeline", []) + raw.get("failures", []):
         for name, mb in run["rss_peak_mb"].items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import DownstreamUnavailable, InvalidOrder
 
@@ -37,14 +37,31 @@ def price_cents(order: dict) -> int:
     return int(round(order["price"] * 100))
 
 
+# Copied per attempt: cheaper than building a hash object from its parameters each time.
+_FAULT_HASH = hashlib.blake2b(digest_size=8, person=b"orders.fault")
+
+
+_ALWAYS = 2**64
+
+
 def attempt_fails(order_id: str, attempt: int, failure_rate: float) -> bool:
     """Whether the fault injector fails this attempt: a pure function of its inputs."""
-    if failure_rate <= 0:
-        return False
-    if failure_rate >= 1:
-        return True
-    digest = hashlib.blake2b(f"{order_id}:{attempt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < failure_rate
+    return _fails(order_id, attempt, _threshold(failure_rate))
+
+
+def _threshold(failure_rate: float) -> int:
+    return max(0, min(_ALWAYS, int(failure_rate * _ALWAYS)))
+
+
+def _fails(order_id: str, attempt: int, threshold: int) -> bool:
+    return threshold == _ALWAYS or (threshold > 0 and _fault_draw(order_id, attempt) < threshold)
+
+
+def _fault_draw(order_id: str, attempt: int) -> int:
+    """A uniform 64-bit draw per (order, attempt); a cryptographic hash keeps attempts independent."""
+    h = _FAULT_HASH.copy()
+    h.update(f"{order_id}:{attempt}".encode())
+    return int.from_bytes(h.digest(), "big")
 
 
 @dataclass(frozen=True)
@@ -56,10 +73,15 @@ class Downstream:
     """
 
     failure_rate: float = 0.0
+    # handle() runs per order: it compares the draw with this precomputed integer.
+    _threshold: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_threshold", _threshold(self.failure_rate))
 
     def handle(self, order: dict, attempt: int) -> None:
         """Raises DownstreamUnavailable when this attempt fails."""
-        if attempt_fails(order["orderId"], attempt, self.failure_rate):
+        if self._threshold and _fails(order["orderId"], attempt, self._threshold):
             raise DownstreamUnavailable(f"downstream refused order (injected failure, attempt {attempt})")
 
 

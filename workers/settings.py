@@ -103,7 +103,7 @@ class Settings:
     retry_backoff_multiplier: float = 2.0
     # Bytes of retry messages not yet due that a retry worker keeps in memory; at the
     # bound it pauses its partitions. librdkafka's prefetch for it gets as much again.
-    retry_buffer_bytes: int = 4 * 1024 * 1024
+    retry_buffer_bytes: int = 1024 * 1024
     max_price: float = 1_000_000.0
 
     # How often an idle worker commits its unchanged offsets again, so that Kafka
