@@ -145,7 +145,8 @@ class Decider:
         try:
             order = self._serde.decode(msg.value())
             validate(order, max_price=self._settings.max_price)
-            self._downstream.handle(order, attempt)
+            self._downstream.handle(order, attempt,
+                                    provenance.replay_of if provenance is not None else replay_of(msg))
             return price_cents(order), None, order
         except PermanentError as exc:
             return None, self.dead_letter(msg, exc, attempt, provenance), order

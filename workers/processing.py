@@ -1,8 +1,8 @@
 """What processing one order means: validate, hand it downstream, price it.
 
 Pure logic, no I/O; both the partition worker and the retry worker call it, so an
-order's fate depends only on (order, attempt): a replay after a crash decides
-exactly as the first run did.
+order's fate depends only on (order, attempt, the dead letter it replays if any):
+handling it again after a crash decides exactly as the first run did.
 """
 from __future__ import annotations
 
@@ -44,23 +44,27 @@ _FAULT_HASH = hashlib.blake2b(digest_size=8, person=b"orders.fault")
 _ALWAYS = 2**64
 
 
-def attempt_fails(order_id: str, attempt: int, failure_rate: float) -> bool:
-    """Whether the fault injector fails this attempt: a pure function of its inputs."""
-    return _fails(order_id, attempt, _threshold(failure_rate))
+def attempt_fails(order_id: str, attempt: int, failure_rate: float, replay_of: str | None = None) -> bool:
+    """Whether the fault injector fails this attempt: a pure function of its inputs.
+
+    ``replay_of`` (the dead letter a replayed order comes from) makes a replay's
+    attempts new draws: a replay at an unchanged failure rate can succeed.
+    """
+    return _fails(order_id, attempt, _threshold(failure_rate), replay_of)
 
 
 def _threshold(failure_rate: float) -> int:
     return max(0, min(_ALWAYS, int(failure_rate * _ALWAYS)))
 
 
-def _fails(order_id: str, attempt: int, threshold: int) -> bool:
-    return threshold == _ALWAYS or (threshold > 0 and _fault_draw(order_id, attempt) < threshold)
+def _fails(order_id: str, attempt: int, threshold: int, replay_of: str | None) -> bool:
+    return threshold == _ALWAYS or (threshold > 0 and _fault_draw(order_id, attempt, replay_of) < threshold)
 
 
-def _fault_draw(order_id: str, attempt: int) -> int:
-    """A uniform 64-bit draw per (order, attempt); a cryptographic hash keeps attempts independent."""
+def _fault_draw(order_id: str, attempt: int, replay_of: str | None) -> int:
+    """A uniform 64-bit draw per (order, attempt, replay); a cryptographic hash keeps them independent."""
     h = _FAULT_HASH.copy()
-    h.update(f"{order_id}:{attempt}".encode())
+    h.update(f"{order_id}:{attempt}".encode() if replay_of is None else f"{order_id}:{attempt}:{replay_of}".encode())
     return int.from_bytes(h.digest(), "big")
 
 
@@ -79,9 +83,9 @@ class Downstream:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_threshold", _threshold(self.failure_rate))
 
-    def handle(self, order: dict, attempt: int) -> None:
-        """Raises DownstreamUnavailable when this attempt fails."""
-        if self._threshold and _fails(order["orderId"], attempt, self._threshold):
+    def handle(self, order: dict, attempt: int, replay_of: str | None = None) -> None:
+        """Raises DownstreamUnavailable when this attempt fails (a replay's attempts are new draws)."""
+        if self._threshold and _fails(order["orderId"], attempt, self._threshold, replay_of):
             raise DownstreamUnavailable(f"downstream refused order (injected failure, attempt {attempt})")
 
 

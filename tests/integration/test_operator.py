@@ -12,6 +12,7 @@ import time
 import pytest
 
 from workers.clients import make_registry
+from workers.processing import attempt_fails, price_cents
 from workers.serde import OrderSerde, load_schema
 from workers.settings import Settings
 
@@ -108,6 +109,41 @@ def test_status_dlq_summary_and_replay(env, tmp_path):
         assert all(d["replayed_at"] for d in letters)
         summary = json.loads(run_orders(fixed_env, "dlq", "--summary", "--json").stdout)
         assert summary["replayed"] == len(truth.expected_dead)
+    finally:
+        pool.stop()
+
+
+def test_a_replay_gets_fresh_attempts(env, tmp_path):
+    """A dead letter replayed while the downstream still fails now and then is not doomed.
+
+    The fault injector draws per (order, attempt, replay): a replay's attempts are
+    new draws, so most replays succeed at this failure rate, and those that fail
+    again are dead-lettered once more as replays of the first dead letter.
+    """
+    settings = Settings.from_env(env)
+    serde = OrderSerde(make_registry(settings), load_schema(settings.schema_path))
+    pool = SupervisedPool(env, tmp_path)
+    pool.start()
+    try:
+        run_orders(env, "produce", "--count", "600", "--seed", "5")
+        truth = Truth(read_topic(settings.bootstrap_servers, settings.orders_topic), serde, settings)
+        _, first = wait_until_quiet(env, truth.count, len(truth.expected_dead))
+        assert first, "the failure rate should dead-letter some orders"
+
+        attempts = range(1, settings.max_attempts + 1)
+        fails_again = {d["id"] for d in first
+                       if all(attempt_fails(d["order"]["orderId"], a, settings.failure_rate, replay_of=d["id"])
+                              for a in attempts)}
+        succeeds = [d for d in first if d["id"] not in fails_again]
+        assert succeeds, "at this failure rate most replays should succeed"
+        run_orders(env, "dlq", "replay")
+
+        final, letters = wait_until_quiet(env, truth.count + len(succeeds), len(first) + len(fails_again))
+        cents = sum(price_cents(d["order"]) for d in succeeds)
+        assert round(final["sum"] * 100) == truth.cents + cents
+        again = [d for d in letters if d["replay_of"]]
+        assert sorted(d["replay_of"] for d in again) == sorted(fails_again)
+        assert len(letters) == len(first) + len(fails_again)
     finally:
         pool.stop()
 

@@ -66,3 +66,23 @@ def test_downstream_raises_transient_error():
     with pytest.raises(DownstreamUnavailable):
         Downstream(1.0).handle(GOOD, 1)
     Downstream(0.0).handle(GOOD, 1)
+
+
+def test_a_replay_draws_afresh():
+    """The dead letter a replay comes from is part of the draw: its attempts are independent of the first run's."""
+    ids = [f"order-{i}" for i in range(4000)]
+    dead = [i for i in ids if attempt_fails(i, 1, 0.5)]
+    replayed = [attempt_fails(i, 1, 0.5, replay_of="orders-dlq:0:7") for i in dead]
+    assert replayed == [attempt_fails(i, 1, 0.5, replay_of="orders-dlq:0:7") for i in dead]  # still pure
+    assert 0.4 < sum(replayed) / len(dead) < 0.6
+    d = Downstream(0.5)
+    assert all(_raises(lambda i=i: d.handle({"orderId": i}, 1, "orders-dlq:0:7")) == fails
+               for i, fails in zip(dead, replayed, strict=True))
+
+
+def _raises(call) -> bool:
+    try:
+        call()
+    except DownstreamUnavailable:
+        return True
+    return False
