@@ -39,6 +39,8 @@ class StatusReader:
     store: AggregateStore
     admin: AdminClient
     previous: dict | None = field(default=None)
+    # The last snapshot's heartbeats as the workers wrote them (live or not), by worker name
+    beats: dict[str, dict] = field(default_factory=dict)
 
     def snapshot(self) -> dict:
         s = self.settings
@@ -50,6 +52,7 @@ class StatusReader:
         order_ends = _end_offsets(self.admin, s.orders_topic, order_count)
         retry_ends = _end_offsets(self.admin, s.retry_topic, retry_count)
         now_ms = int(time.time() * 1000)
+        self.beats = {name: beat for name, beat in snap["workers"].items() if beat}
         # Who owns what: each live worker's heartbeat names the partitions it holds.
         live = {name: beat for name, beat in snap["workers"].items() if _alive(beat, now_ms)}
         owners: dict[str, list[str]] = {}
@@ -100,7 +103,13 @@ class StatusReader:
                 "next_due_ms": min(dues) if dues else None,
             },
             "workers": {name: {"host": b.get("host"), "pid": b.get("pid"), "role": b.get("role"),
-                               "owns": sorted(b.get("positions", {}))} for name, b in sorted(live.items())},
+                               "at_ms": b.get("at_ms"), "owns": sorted(b.get("positions", {}))}
+                        for name, b in sorted(live.items())},
+            # What each source decided: its orders counted, retried, dead-lettered, duplicate replays
+            "sources": [{"topic": src.topic, "partition": src.partition,
+                         **{k: snap["sources"][src].get(k, 0)
+                            for k in ("counted", "retried", "dead_lettered", "duplicate_replays")}}
+                        for src in order_sources + retry_sources],
             "dlq": {"size": total.dead_lettered},
             "latency": merge(b["latency"] for b in live.values() if "latency" in b),
         }
