@@ -83,12 +83,12 @@ class DlqTally:
         self._mark_caught_up(pending)
         while not stop():
             batch = consumer.consume(num_messages=1000, timeout=poll_timeout_s)
-            found: Counter[str] = Counter()
+            by_type: Counter[str] = Counter()
             for msg in batch:
                 if msg.error() is None:
-                    found[_error_type(msg.headers())] += 1
+                    by_type[_error_type(msg.headers())] += 1
             with self._lock:
-                self._counts.update(found)
+                self._counts.update(by_type)
             if pending:
                 # Transaction markers take offsets: compare positions, not the last message's offset.
                 for tp in consumer.position([TopicPartition(topic, p) for p in pending]):
@@ -119,10 +119,11 @@ class DlqTally:
         return None
 
 
-def _error_type(headers: list | None) -> str:
-    for name, value in headers or []:
+def _error_type(headers: list | dict | None) -> str:
+    pairs = headers.items() if isinstance(headers, dict) else headers or []
+    for name, value in pairs:
         if name == env.ERROR_TYPE and value is not None:
-            return value.decode("utf-8", "replace")
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
     return "unknown"
 
 
