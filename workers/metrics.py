@@ -53,6 +53,9 @@ LATENCY_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000
 # Supervisor's counters that the event listener keeps (workers/events.py)
 RESTARTS, FATAL = "restarts", "fatal"
 TRANSACTION_ABORTS = "transaction_aborts"
+# Partition counts are read from Kafka at most this often: partitions added to a live
+# topic show up within it, and a scrape costs one Kafka round trip (the end offsets).
+METADATA_MAX_AGE_S = 30.0
 
 
 class DlqTally:
@@ -299,7 +302,8 @@ def serve(settings: Settings, *, store: AggregateStore, admin: AdminClient, cons
     """
     dlq = DlqTally()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PoolCollector(settings, StatusReader(settings, store, admin), store, dlq))
+    reader = StatusReader(settings, store, admin, metadata_max_age_s=METADATA_MAX_AGE_S)
+    registry.register(PoolCollector(settings, reader, store, dlq))
     try:
         server, thread = start_http_server(settings.metrics_port, settings.metrics_bind, registry=registry)
     except OSError as exc:
