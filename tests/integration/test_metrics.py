@@ -89,8 +89,9 @@ def prometheus() -> Prometheus:
 
 @pytest.fixture
 def scraped_pool(prometheus: Prometheus, tmp_path: Path) -> Iterator[tuple[SupervisedPool, dict, str]]:
-    """A supervised pool with 25% transient failures whose endpoint the lane's Prometheus scrapes."""
-    env = isolated_env("metrics", ORDERS_FAILURE_RATE="0.25", RETRY_BACKOFF_MS="200", BATCH_SIZE="500")
+    """A supervised pool with 30% transient failures whose endpoint the lane's Prometheus scrapes."""
+    # 30%: 4 failed attempts in a row (a dead letter) for 0.8% of the orders, 16 of 2,000 expected
+    env = isolated_env("metrics", ORDERS_FAILURE_RATE="0.3", RETRY_BACKOFF_MS="200", BATCH_SIZE="500")
     pool_label = env["REDIS_PREFIX"]
     env["ORDERS_HOST"] = pool_label  # this pool's own host: its per-process series are told apart
     pool = SupervisedPool(env, tmp_path)
