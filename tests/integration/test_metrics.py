@@ -156,10 +156,10 @@ def test_prometheus_sees_the_pool_figures(scraped_pool, prometheus: Prometheus):
     assert buckets["+Inf"] == prometheus.value(f"sum(orders_latency_seconds_count{sel})")
     assert (prometheus.value(f"sum(orders_latency_seconds_sum{sel})") or 0) > 0
 
-    check_dashboard_and_rules(pool, prometheus, label)
+    check_dashboard_and_rules(pool, prometheus)
 
 
-def check_dashboard_and_rules(pool: SupervisedPool, prometheus: Prometheus, label: str) -> None:
+def check_dashboard_and_rules(pool: SupervisedPool, prometheus: Prometheus) -> None:
     """Every metric the dashboard and the alert rules name is one the endpoint exports (a real
     scrape), and each dashboard query runs in Prometheus."""
     scrape = httpx.get(f"http://127.0.0.1:{pool.env['METRICS_PORT']}/metrics", timeout=10)
