@@ -29,13 +29,15 @@ class LatencyHistogram:
     def record(self, latencies_ms: Iterable[int]) -> None:
         counts = self.counts
         total = 0
+        top = self.max_ms  # locals: this runs once per counted order
         for ms in latencies_ms:
             b = bucket(ms)
             counts[b] = counts.get(b, 0) + 1
             if ms > 0:  # clocks apart can give a negative latency: counted as 0, like its bucket
                 total += ms
-                if ms > self.max_ms:
-                    self.max_ms = ms
+                if ms > top:
+                    top = ms
+        self.max_ms = top
         self.sum_ms += total
 
     def as_dict(self) -> dict:
