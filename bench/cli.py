@@ -23,6 +23,8 @@ from workers.topics import ensure_topics
 from .ceiling import measure_ceiling
 from .common import Resources, bench_env, preproduce
 from .latency import measure_latency
+from .metrics import PARTITIONS as METRICS_PARTITIONS
+from .metrics import measure_metrics
 from .naive import measure_naive
 from .pipeline import drain
 from .producer import encoded_orders, measure_producer, send_all
@@ -31,7 +33,7 @@ from .report import build_report, render_table
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("ceiling", "pipeline", "failures", "failures3", "latency", "producer", "naive", "pools")
+PARTS = ("ceiling", "pipeline", "failures", "failures3", "latency", "producer", "naive", "pools", "metrics")
 BACKLOG_PARTS = {"ceiling", "pipeline", "failures", "failures3", "naive"}
 CEILING_MIN_REPS = 5
 POOLS_PARTITIONS = 6  # the pools part: 3 workers per pool, so two pools give each worker a partition
@@ -48,12 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, default=10.0, help="seconds per latency repetition")
     p.add_argument("--producer-orders", type=int, default=200_000, help="orders per producer repetition")
     p.add_argument("--naive-seconds", type=float, default=5.0, help="seconds per naive repetition")
+    p.add_argument("--metrics-scrapes", type=int, default=50, help="scrapes of /metrics per repetition")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json",
                    help="where to write the results")
     args = p.parse_args(argv)
     if args.quick:
         args.orders, args.reps = min(args.orders, 30_000), 1
         args.latency_seconds, args.producer_orders, args.naive_seconds = 2.0, 20_000, 1.0
+        args.metrics_scrapes = 10
     # The ceiling is cheap and the most sensitive to other load on the machine: at least 5 repetitions.
     args.ceiling_reps = args.reps if args.quick else max(args.reps, CEILING_MIN_REPS)
     args.parts = [x.strip() for x in args.only.split(",") if x.strip()]
@@ -87,6 +91,12 @@ def run_parts(args: argparse.Namespace, res: Resources) -> dict:
         raw["producer"] = [measure_producer(env, args.producer_orders) for _ in range(args.reps)]
     if "pools" in args.parts:
         raw.update(run_pools(args, res))
+    if "metrics" in args.parts:
+        # 10% failures at 500/s: the workers batch, retry and beat while the endpoint reads.
+        env = bench_env("metrics", ORDERS_PARTITIONS=str(METRICS_PARTITIONS), ORDERS_FAILURE_RATE="0.1",
+                        PRODUCE_RATE="500")
+        res.track(env)
+        raw["metrics"] = measure_metrics(env, args.metrics_scrapes, args.reps)
     return raw
 
 

@@ -31,6 +31,10 @@ ROWS: dict[str, tuple[str, str, str | None, Callable[[float], bool] | None]] = {
     "pools_1_orders_per_s": ("pools: 1 pool x 3 workers, 6 partitions", "/s", None, None),
     "pools_2_orders_per_s": ("pools: 2 pools x 3 workers, same machine", "/s", None, None),
     "pools_2_to_1": ("2 pools / 1 pool (one 2-core machine: no speed-up)", "x", None, None),
+    "metrics_scrape_median_ms": ("metrics endpoint: scrape, 12 partitions, median", "ms", "< 50 ms",
+                                 lambda v: v < 50),
+    "metrics_scrape_max_ms": ("metrics endpoint: scrape, 12 partitions, slowest", "ms", "< 50 ms",
+                              lambda v: v < 50),
 }
 
 
@@ -81,6 +85,9 @@ def build_report(raw: dict, meta: dict) -> dict:
     for hosts in (1, 2):
         if f"pools_{hosts}" in raw:
             f.median_of(f"pools_{hosts}_orders_per_s", [r["orders_per_s"] for r in raw[f"pools_{hosts}"]])
+    if "metrics" in raw:
+        f.median_of("metrics_scrape_median_ms", [r["median_ms"] for r in raw["metrics"]])
+        f.median_of("metrics_scrape_max_ms", [r["max_ms"] for r in raw["metrics"]])
     f.ratio("pools_2_to_1", "pools_2_orders_per_s", "pools_1_orders_per_s", paired=True)
     f.ratio("pipeline_to_ceiling", "pipeline_orders_per_s", "ceiling_orders_per_s")
     f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s", paired=True)

@@ -60,6 +60,7 @@ def bed_settings(stack_dir: Path) -> dict[str, str]:
         "GROUP_SESSION_TIMEOUT_MS": str(GROUP_SESSION_S * 1000),
         # 6 partitions, not 50, for the coordinators' topics: half the readiness time on 2 cores.
         "KAFKA_COORDINATOR_PARTITIONS": "6",
+        "STACK_PROMETHEUS": "0",  # the lane's Prometheus is enough
     }
 
 

@@ -25,6 +25,7 @@ BASE_PORTS = {
     "REGISTRY_PORT": 8081,
     "REGISTRY_MANAGEMENT_PORT": 9001,
     "REDIS_PORT": 6379,
+    "PROMETHEUS_PORT": 9090,
 }
 
 
@@ -40,6 +41,7 @@ def lane_env(lane: int) -> dict[str, str]:
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports['KAFKA_PORT']}",
         "SCHEMA_REGISTRY_URL": f"http://127.0.0.1:{ports['REGISTRY_PORT']}/apis/ccompat/v7",
         "REDIS_URL": f"redis://127.0.0.1:{ports['REDIS_PORT']}/0",
+        "PROMETHEUS_URL": f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}",
     }
 
 

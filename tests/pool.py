@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -42,12 +43,20 @@ def run_orders(env: dict, *args: str, timeout: float = 120, check: bool = True) 
     return result
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a pool's metrics endpoint: pools run side by side)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class SupervisedPool:
     """supervisord with the repo's supervisor.conf, in its own folder."""
 
     def __init__(self, env: dict, folder: Path):
         # As scripts/start does: three partition workers and one retry worker by default.
-        self.env = {"PATH": os.environ["PATH"], "ORDERS_WORKERS": "3", "RETRY_WORKERS": "1", **env}
+        self.env = {"PATH": os.environ["PATH"], "ORDERS_WORKERS": "3", "RETRY_WORKERS": "1",
+                    "METRICS_PORT": str(free_port()), **env}
         self.folder = folder
         shutil.copy(REPO / "supervisor.conf", folder / "supervisor.conf")
         (folder / ".venv").symlink_to(REPO / ".venv")
@@ -86,8 +95,9 @@ class SupervisedPool:
 
     @property
     def programs(self) -> int:
-        """How many programs supervisord runs: the workers of both roles, the producer and the viewer."""
-        return int(self.env["ORDERS_WORKERS"]) + int(self.env["RETRY_WORKERS"]) + 2
+        """How many programs supervisord runs: the workers of both roles, the producer, the viewer,
+        the metrics endpoint and the event listener."""
+        return int(self.env["ORDERS_WORKERS"]) + int(self.env["RETRY_WORKERS"]) + 4
 
     def kill_host(self) -> None:
         """SIGKILL supervisord and every process it started, as if the host died."""

@@ -15,6 +15,8 @@ from .clients import describe_servers, make_admin, make_consumer, make_producer,
 from .dlq import Filters, ReplayFailed, parse_since, read_dead_letters, replay, summarize
 from .engine import StopFlag, now_ms
 from .errors import ConfigError, OrdersError, ServiceUnavailable, StopRequested
+from .events import listen
+from .metrics import serve as serve_metrics
 from .partition_worker import PartitionWorker
 from .producer import DeliveryTally, StuckProducerGuard, produce_orders
 from .retry_worker import RetryWorker
@@ -381,6 +383,23 @@ def status(settings: Settings, watch: bool, interval: float, as_json: bool) -> N
         if not watch:
             break
         _sleep_unless(stop, interval)
+
+
+@cli.command()
+@click.pass_obj
+def metrics(settings: Settings) -> None:
+    """Serve the pool's figures for Prometheus on METRICS_BIND:METRICS_PORT, path /metrics."""
+    stop = StopFlag().install()
+    serve_metrics(settings, store=_store(settings), admin=make_admin(settings),
+                  consumer=make_consumer(settings, settings.group_id("metrics")), stop=stop)
+
+
+@cli.command("supervisor-events")
+@click.pass_obj
+def supervisor_events(settings: Settings) -> None:
+    """Supervisor's event listener (supervisor.conf): counts and logs unexpected exits and FATAL states."""
+    # No StopFlag: the listener waits on stdin and keeps nothing to finish; TERM ends it.
+    listen(settings, _store(settings), sys.stdin, sys.stdout)
 
 
 def _sleep_unless(stop: StopFlag, seconds: float) -> None:

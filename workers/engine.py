@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence, Set
@@ -285,6 +284,7 @@ class BatchWorker:
         self._offsets_refresh_at = time.monotonic() + settings.offsets_refresh_s
         self._released = False  # partitions were revoked or lost during the current poll
         self._last_touch = 0.0
+        self._aborts_recorded = 0  # of txn.aborts, added to the worker's counter in Redis
         self._last_commit = time.monotonic()
         self._counted_since_log = 0
         self._batches_since_log = 0
@@ -795,7 +795,7 @@ class BatchWorker:
 
     def _heartbeat(self) -> dict:
         return {"pid": os.getpid(), "manager": self.manager, "at_ms": now_ms(), "role": self.role,
-                "host": self.settings.host or socket.gethostname(),
+                "host": self.settings.host_name,
                 "positions": {str(s): p for s, p in self.position.items()},
                 "latency": self.latency.as_dict(), **self.heartbeat_extra()}
 
@@ -807,8 +807,13 @@ class BatchWorker:
         now = time.monotonic()
         if now - self._last_touch >= TOUCH_INTERVAL_S:
             self._last_touch = now
+            # Aborts ride on the heartbeat's round trip: rare, and never worth one of their own.
+            # Added even when 0: the counter exists from the start, so a first abort is an increase.
+            aborts = self.txn.aborts - self._aborts_recorded
             try:
-                stored = self.store.touch(self.sources, worker=self.name, heartbeat=self._heartbeat())
+                stored = self.store.touch(self.sources, worker=self.name, heartbeat=self._heartbeat(),
+                                          counts={"transaction_aborts": aborts})
+                self._aborts_recorded += aborts
             except ServiceUnavailable as exc:
                 log.warning("heartbeat failed worker=%s reason=%s", self.name, exc)
                 stored = {}

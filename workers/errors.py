@@ -26,6 +26,10 @@ class ServiceUnavailable(OrdersError):
     """A server (Kafka, schema registry, Redis) cannot be reached right now."""
 
 
+class PortUnavailable(OrdersError):
+    """A server of ours (the metrics endpoint) cannot listen on its address."""
+
+
 class StopRequested(OrdersError):
     """A signal asked the process to stop while it was waiting for a server."""
 

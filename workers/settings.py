@@ -116,6 +116,10 @@ class Settings:
     transaction_timeout_ms: int = 10000
 
     produce_rate: float = 20.0
+    # `orders metrics`: the Prometheus endpoint of this host's pool. Loopback by default:
+    # a Prometheus on another machine needs METRICS_BIND (or a local agent) to reach it.
+    metrics_port: int = 9464
+    metrics_bind: str = "127.0.0.1"
     schema_path: Path = DEFAULT_SCHEMA_PATH
     log_level: str = "INFO"
     kafka_extra: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -158,6 +162,7 @@ class Settings:
             (0 < self.poll_timeout_s <= 1.0, "POLL_TIMEOUT_S must be in (0, 1]"),
             (self.produce_rate >= 0, "PRODUCE_RATE must be >= 0"),
             (self.max_price > 0, "ORDERS_MAX_PRICE must be > 0"),
+            (0 < self.metrics_port < 65536, "METRICS_PORT must be a TCP port (1-65535)"),
             # Braces would end the keys' hash tags early (workers/store.py).
             (bool(self.redis_prefix) and not {"{", "}"} & set(self.redis_prefix),
              "REDIS_PREFIX must be non-empty, without { or }"),
@@ -180,9 +185,14 @@ class Settings:
     def transactional_id(self, role: str) -> str:
         return f"{self.transactional_id_prefix}-{role}"
 
+    @property
+    def host_name(self) -> str:
+        """This host's name among the pool's hosts: ORDERS_HOST, else the machine's."""
+        return self.host or socket.gethostname()
+
     def member(self, role: str, slot: int) -> str:
         """A worker's stable name: host, role and slot (its number on the host)."""
-        return f"{self.host or socket.gethostname()}-{role}-{slot}"
+        return f"{self.host_name}-{role}-{slot}"
 
     def describe(self) -> str:
         """One log line of the effective settings, with secrets hidden."""
@@ -266,6 +276,8 @@ _ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "retry_buffer_bytes": ("RETRY_BUFFER_BYTES", int),
     "max_price": ("ORDERS_MAX_PRICE", float),
     "produce_rate": ("PRODUCE_RATE", float),
+    "metrics_port": ("METRICS_PORT", int),
+    "metrics_bind": ("METRICS_BIND", str),
     "schema_path": ("ORDER_SCHEMA_PATH", Path),
     "log_level": ("LOG_LEVEL", str),
 }

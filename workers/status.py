@@ -16,19 +16,21 @@ from .topics import end_offsets
 ALIVE_WITHIN_MS = 10_000  # workers refresh their heartbeat every 2 s
 
 
-def _partition_count(admin: AdminClient, topic: str, configured: int) -> int:
-    """The topic's partitions as Kafka has them (more may have been added); configured if missing."""
+def _partition_counts(admin: AdminClient, configured: dict[str, int]) -> dict[str, int]:
+    """Each topic's partitions as Kafka has them (more may have been added); as configured if missing.
+
+    One metadata request for all the topics (``orders metrics`` reads this at every scrape).
+    """
     try:
         # All topics: asking for one by name could create it on a broker that auto-creates.
-        meta = admin.list_topics(timeout=5).topics.get(topic)
+        topics = admin.list_topics(timeout=5).topics
     except KafkaException as exc:
         raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-    return len(meta.partitions) if meta is not None and meta.error is None and meta.partitions else configured
-
-
-def _end_offsets(admin: AdminClient, topic: str, partitions: int) -> list[int | None]:
-    """Each partition's end offset; None where the topic does not exist yet."""
-    return end_offsets(admin, [TopicPartition(topic, p) for p in range(partitions)])
+    counts = {}
+    for topic, default in configured.items():
+        meta = topics.get(topic)
+        counts[topic] = len(meta.partitions) if meta is not None and meta.error is None and meta.partitions else default
+    return counts
 
 
 @dataclass
@@ -39,17 +41,33 @@ class StatusReader:
     store: AggregateStore
     admin: AdminClient
     previous: dict | None = field(default=None)
+    # The last snapshot's heartbeats as the workers wrote them (live or not), by worker name
+    beats: dict[str, dict] = field(default_factory=dict)
+    # How long the topics' partition counts are reused (0: read at every snapshot). `orders metrics`
+    # reuses them for a while: a scrape then costs one Kafka round trip, not two.
+    metadata_max_age_s: float = 0.0
+    _counts: tuple[float, dict[str, int]] | None = field(default=None, repr=False)
+
+    def _partition_counts(self) -> dict[str, int]:
+        s = self.settings
+        now = time.monotonic()
+        if self._counts is None or now - self._counts[0] >= self.metadata_max_age_s:
+            self._counts = (now, _partition_counts(self.admin, {s.orders_topic: s.partitions,
+                                                                s.retry_topic: s.retry_partitions}))
+        return self._counts[1]
 
     def snapshot(self) -> dict:
         s = self.settings
-        order_count = _partition_count(self.admin, s.orders_topic, s.partitions)
-        retry_count = _partition_count(self.admin, s.retry_topic, s.retry_partitions)
-        order_sources = [Source(s.orders_topic, p) for p in range(order_count)]
-        retry_sources = [Source(s.retry_topic, p) for p in range(retry_count)]
-        snap = self.store.snapshot(order_count, order_sources + retry_sources, self.store.worker_names())
-        order_ends = _end_offsets(self.admin, s.orders_topic, order_count)
-        retry_ends = _end_offsets(self.admin, s.retry_topic, retry_count)
+        counts = self._partition_counts()
+        order_sources = [Source(s.orders_topic, p) for p in range(counts[s.orders_topic])]
+        retry_sources = [Source(s.retry_topic, p) for p in range(counts[s.retry_topic])]
+        snap = self.store.snapshot(len(order_sources), order_sources + retry_sources, self.store.worker_names())
+        # After Redis: an end read later than the position it is compared with, so a lag is never negative.
+        ends = end_offsets(self.admin, [TopicPartition(src.topic, src.partition)
+                                        for src in order_sources + retry_sources])
+        order_ends, retry_ends = ends[:len(order_sources)], ends[len(order_sources):]
         now_ms = int(time.time() * 1000)
+        self.beats = {name: beat for name, beat in snap["workers"].items() if beat}
         # Who owns what: each live worker's heartbeat names the partitions it holds.
         live = {name: beat for name, beat in snap["workers"].items() if _alive(beat, now_ms)}
         owners: dict[str, list[str]] = {}
@@ -100,7 +118,13 @@ class StatusReader:
                 "next_due_ms": min(dues) if dues else None,
             },
             "workers": {name: {"host": b.get("host"), "pid": b.get("pid"), "role": b.get("role"),
-                               "owns": sorted(b.get("positions", {}))} for name, b in sorted(live.items())},
+                               "at_ms": b.get("at_ms"), "owns": sorted(b.get("positions", {}))}
+                        for name, b in sorted(live.items())},
+            # What each source decided: its orders counted, retried, dead-lettered, duplicate replays
+            "sources": [{"topic": src.topic, "partition": src.partition,
+                         **{k: snap["sources"][src].get(k, 0)
+                            for k in ("counted", "retried", "dead_lettered", "duplicate_replays")}}
+                        for src in order_sources + retry_sources],
             "dlq": {"size": total.dead_lettered},
             "latency": merge(b["latency"] for b in live.values() if "latency" in b),
         }

@@ -16,6 +16,8 @@ its nodes, and every Lua script below touches the keys of one slot only:
                        of the copy that counts (I: the topics' incarnation)
     {P}:sources        set: every source that may hold state ("topic:partition")
     {P}:worker:NAME, {P}:schemas, {P}:replays   heartbeats, writer schema copies, replay records
+    {P}:counters:HOST  hash: "<name>:<worker or program>" -> count, what a host's processes
+                       count outside the batch script (transaction aborts, restarts)
 
 **Exactly once per source.** One script per batch counts only offsets at or past
 R, adds them to the source's totals and moves R, all atomically in the source's
@@ -62,7 +64,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -432,6 +434,9 @@ class AggregateStore:
     def schemas_key(self) -> str:
         return self._key("schemas")
 
+    def counters_key(self, host: str) -> str:
+        return self._key("counters", host)
+
     def _state_keys(self, source: Source) -> list[str]:
         return [self.source_key(source), self.parked_key(source), self.replayed_key(source)]
 
@@ -590,9 +595,16 @@ class AggregateStore:
         stored = offsets.get(source) if source is not None else None
         return stored is not None and offset.isdigit() and stored > int(offset)
 
-    def touch(self, sources: Sequence[Source], *, worker: str, heartbeat: dict) -> dict[Source, int | None]:
-        """Refresh the worker's heartbeat and registry entries; return each source's stored offset (None: no state)."""
+    def touch(self, sources: Sequence[Source], *, worker: str, heartbeat: dict,
+              counts: Mapping[str, int] | None = None) -> dict[Source, int | None]:
+        """Refresh the worker's heartbeat and registry entries; return each source's stored offset (None: no state).
+
+        ``counts`` (name -> increment) are added to the worker's counters on its
+        host (``heartbeat["host"]``) in the same round trip.
+        """
         commands: list[tuple] = [("SET", self.heartbeat_key(worker), json.dumps(heartbeat), "PX", HEARTBEAT_TTL_MS)]
+        for name, n in (counts or {}).items():
+            commands.append(("HINCRBY", self.counters_key(heartbeat["host"]), f"{name}:{worker}", n))
         if sources:
             commands.append(("SADD", self.sources_key, *map(str, sources)))
         commands += [("HGET", self.source_key(s), "offset") for s in sources]
@@ -693,6 +705,26 @@ class AggregateStore:
         parsed = {Source.parse(_text(m)) for m in members}
         self._registered = {s for s in parsed if s is not None}
         return self._registered
+
+    def add_counts(self, host: str, who: str, counts: Mapping[str, int]) -> int:
+        """Add to the counters (name -> increment) of ``who`` (a worker or program) on ``host``, one
+        round trip; returns the last counter's new value."""
+        with self._outage():
+            replies = self._run([("HINCRBY", self.counters_key(host), f"{name}:{who}", n)
+                                 for name, n in counts.items()])
+        return int(replies[-1])
+
+    def counters(self, host: str) -> tuple[dict[tuple[str, str], int], int]:
+        """Every counter of ``host`` ((name, worker or program) -> count), and how many dead
+        letters were replayed (each once, however often), in one round trip."""
+        with self._outage():
+            raw, replayed = self._run([("HGETALL", self.counters_key(host)), ("HLEN", self.replays_key)])
+        pairs = raw.items() if isinstance(raw, dict) else zip(raw[0::2], raw[1::2], strict=True)
+        out = {}
+        for field_, value in pairs:
+            name, _, who = _text(field_).partition(":")
+            out[(name, who)] = int(value)
+        return out, int(replayed)
 
     def record_replays(self, replays: dict[str, dict]) -> None:
         """Remember which dead letters were replayed (id -> details), one round trip."""

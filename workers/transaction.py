@@ -138,6 +138,7 @@ class KafkaTransaction:
         self.state = State.IDLE
         self.opened_at: float | None = None     # monotonic time the open transaction began
         self._offsets: list[TopicPartition] = []  # sent into the open transaction
+        self.aborts = 0  # transactions aborted by this producer (exported by `orders metrics`)
 
     @property
     def is_open(self) -> bool:
@@ -222,6 +223,7 @@ class KafkaTransaction:
             self._call("abort_transaction", lambda: self._producer.abort_transaction(self._timeout_s),
                        abortable=False)
         self._ended()
+        self.aborts += 1
 
     # -- internals -------------------------------------------------------------------
     def _begin(self) -> None:

@@ -84,14 +84,14 @@ def test_graceful_restart_of_every_program(env, pool, tmp_path):
     store = AggregateStore(make_redis(Settings.from_env(env)), Settings.from_env(env).redis_prefix)
     wait_until(lambda: workers_up(pool, store, Settings.from_env(env)), "every worker is up")
     for name in ["consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry:retry-0", "producer",
-                 "dlq-viewer"]:
+                 "dlq-viewer", "metrics", "events"]:
         pool.ctl("restart", name, check=True)
         time.sleep(0.5)
     finish_load(load)
     pool.wait_all_running(timeout=90)
     check_invariants(env, Settings.from_env(env))
     log = (pool.folder / "run" / "supervisord.log").read_text()
-    for worker in ("consumer-0", "consumer-1", "consumer-2", "retry-0"):
+    for worker in ("consumer-0", "consumer-1", "consumer-2", "retry-0", "metrics"):
         assert f"stopped: {worker} (exit status 0)" in log, log
     assert "SIGKILL" not in log  # everything stopped well inside stopwaitsecs
 

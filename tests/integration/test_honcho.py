@@ -17,7 +17,7 @@ import pytest
 from workers.settings import Settings
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, REPO, check_invariants, run_orders, stats, wait_until
+from ..pool import ORDERS, REPO, check_invariants, free_port, run_orders, stats, wait_until
 from .conftest import cleanup
 
 pytestmark = pytest.mark.timeout(600)
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(600)
 # The processes of `honcho start -c consumer=3`, by the name honcho gives each
 # (HONCHO_PROCESS_NAME): three workers of the orders topic's consumer group.
 CONCURRENCY = "consumer=3"
-PROGRAMS = ("consumer.1", "consumer.2", "consumer.3", "retry.1", "producer.1", "dlqviewer.1")
+PROGRAMS = ("consumer.1", "consumer.2", "consumer.3", "retry.1", "producer.1", "dlqviewer.1", "metrics.1")
 
 
 class Honcho:
@@ -34,7 +34,7 @@ class Honcho:
     def __init__(self, env: dict, folder: Path):
         # The Procfile's producer runs but at a rate too low to matter, so the test
         # knows what was produced.
-        self.env = {**env, "PATH": "/usr/bin:/bin", "PRODUCE_RATE": "0.01"}
+        self.env = {"METRICS_PORT": str(free_port()), **env, "PATH": "/usr/bin:/bin", "PRODUCE_RATE": "0.01"}
         self.folder = folder
         (folder / "Procfile").write_text((REPO / "Procfile").read_text())
         (folder / ".venv").symlink_to(REPO / ".venv")
@@ -42,15 +42,15 @@ class Honcho:
         self.runs = 0
 
     def start(self) -> dict[str, psutil.Process]:
-        """Start honcho and wait until all six programs run; returns them by Procfile name."""
+        """Start honcho and wait until all the Procfile's programs run; returns them by Procfile name."""
         self.runs += 1
         with open(self.folder / f"honcho-{self.runs}.log", "w") as log:
             self.proc = subprocess.Popen([str(REPO / ".venv/bin/honcho"), "start", "-c", CONCURRENCY], cwd=self.folder,
                                          env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        return wait_until(self.programs, "honcho started all six programs", timeout=60)
+        return wait_until(self.programs, "honcho started all the Procfile's programs", timeout=60)
 
     def programs(self) -> dict[str, psutil.Process] | None:
-        """The running ``orders`` processes under honcho, if all six are there."""
+        """The running ``orders`` processes under honcho, if all are there."""
         assert self.proc is not None
         found = {}
         try:

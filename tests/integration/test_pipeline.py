@@ -39,7 +39,7 @@ def pool(pool_env, tmp_path):
 def test_supervised_pool_counts_every_order_once(pool, pool_env):
     settings = Settings.from_env(pool_env)
     assert set(pool.statuses()) == {"consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2",
-                                    "retry:retry-0", "producer", "dlq-viewer"}
+                                    "retry:retry-0", "producer", "dlq-viewer", "metrics", "events"}
     run_orders(pool_env, "produce", "--count", "3000", "--seed", "7")
     pool.ctl("stop", "producer", check=True)
     truth = check_invariants(pool_env, settings)
@@ -89,7 +89,7 @@ def test_same_pipeline_under_honcho(pool_env, tmp_path):
     settings = Settings.from_env(pool_env)
     honcho = Honcho(pool_env, tmp_path)
     try:
-        honcho.start()  # waits until the Procfile's six programs run
+        honcho.start()  # waits until the Procfile's programs run
         run_orders(pool_env, "produce", "--count", "2000", "--seed", "11")
         truth = check_invariants(pool_env, settings)
         assert truth.total >= 2000

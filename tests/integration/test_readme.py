@@ -18,7 +18,7 @@ import pytest
 from workers.settings import Settings
 
 from ..conftest import isolated_env
-from ..pool import REPO
+from ..pool import REPO, free_port
 from .conftest import cleanup
 
 pytestmark = pytest.mark.timeout(300)
@@ -71,6 +71,7 @@ def test_readme_commands_work_as_written(checkout):
     # The checkout keeps its stack state in its own .stack, as a new user's would: with
     # this lane's STACK_DIR, its scripts/stop would stop the lane's servers.
     env = {k: v for k, v in {**os.environ, **isolated_env("readme")}.items() if k != "STACK_DIR"}
+    env["METRICS_PORT"] = str(free_port())  # a pool started from the repo may hold the default
     setup = readme_block("Two commands")
     assert setup == ["scripts/start", "scripts/test"]
     tour = readme_block("A tour")
@@ -78,7 +79,7 @@ def test_readme_commands_work_as_written(checkout):
         started = run("scripts/start", checkout, env)
         assert started.returncode == 0, started.stdout + started.stderr
         assert "The pool is running" in started.stdout
-        assert started.stdout.count("RUNNING") == 6, started.stdout[-3000:] + started.stderr[-3000:]
+        assert started.stdout.count("RUNNING") == 8, started.stdout[-3000:] + started.stderr[-3000:]
         for command in tour:
             result = run(command, checkout, env)
             assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"

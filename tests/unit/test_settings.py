@@ -33,6 +33,8 @@ def test_bad_number_names_the_variable():
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ({"REDIS_CLUSTER": "maybe"}, "REDIS_CLUSTER"),
     ({"REDIS_PREFIX": "a{b}"}, "REDIS_PREFIX"),
+    ({"METRICS_PORT": "70000"}, "METRICS_PORT"),
+    ({"METRICS_PORT": "http"}, "METRICS_PORT"),
 ])
 def test_invalid_values_are_rejected(env, word):
     with pytest.raises(ConfigError, match=word):
