@@ -33,9 +33,11 @@ from .report import build_report, render_table
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("ceiling", "pipeline", "failures", "failures3", "latency", "producer", "naive", "pools", "metrics")
+PARTS = ("ceiling", "pipeline", "failures", "failures3", "latency", "lateness", "producer", "naive", "pools",
+         "metrics")
 BACKLOG_PARTS = {"ceiling", "pipeline", "failures", "failures3", "naive"}
 CEILING_MIN_REPS = 5
+LATENESS_RATE = 1000.0  # orders/s for the retry lateness run
 POOLS_PARTITIONS = 6  # the pools part: 3 workers per pool, so two pools give each worker a partition
 
 
@@ -85,6 +87,13 @@ def run_parts(args: argparse.Namespace, res: Resources) -> dict:
         env = bench_env("latency")
         res.track(env)
         raw["latency"] = measure_latency(env, args.latency_rate, args.latency_seconds, args.reps, warmup_s=2.0)
+    if "lateness" in args.parts:
+        # Issue 14's setting: 1,000 orders/s, 30% failures, backoffs of 200, 400 and 800 ms.
+        env = bench_env("lateness", ORDERS_FAILURE_RATE="0.3", RETRY_BACKOFF_MS="200", RETRY_BACKOFF_MULTIPLIER="2")
+        res.track(env)
+        # The warm-up lets the slowest backoff (800 ms) fill the retry topic with every level.
+        raw["lateness"] = measure_latency(env, LATENESS_RATE, args.latency_seconds, args.reps, warmup_s=5.0,
+                                          field="lateness")
     if "producer" in args.parts:
         env = bench_env("producer")
         res.track(env)

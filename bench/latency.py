@@ -11,6 +11,10 @@ up to ~0.5 s: that is start-up, not steady state), then each repetition is a
 window of ``seconds``: its figures come from the merged histograms at its end
 minus those at its start (``max_ms`` is the highest bucket that grew, capped by
 the reported maximum). The producer is stopped (SIGTERM) after the last window.
+
+The same method gives retry lateness (``measure_latency(..., field="lateness")``):
+the retry workers' histograms of (time a retry was handled) - (its due time), at a
+steady rate with transient failures.
 """
 from __future__ import annotations
 
@@ -33,30 +37,35 @@ from .common import kill_leftovers, live_workers, process_times
 log = logging.getLogger(__name__)
 
 
-class Histograms:
-    """The partition workers' heartbeats: orders counted and merged latency buckets."""
+# The histogram each kind of worker publishes in its heartbeat: role -> field
+HISTOGRAMS = {"latency": "consumer", "lateness": "retry"}
 
-    def __init__(self, settings: Settings):
+
+class Histograms:
+    """One histogram of the workers' heartbeats, merged: partition workers' latency or retry workers' lateness."""
+
+    def __init__(self, settings: Settings, field: str = "latency"):
         self.store = AggregateStore(make_redis(settings), settings.redis_prefix)
+        self.field, self.role = field, HISTOGRAMS[field]
 
     def read(self) -> tuple[int, dict[int, int], int]:
-        """(orders counted, merged buckets, max_ms) from one snapshot."""
+        """(observations, merged buckets, max_ms) from one snapshot."""
         snap = live_workers(self.store)
         buckets: dict[int, int] = {}
         max_ms = 0
         for beat in snap["workers"].values():
-            if not beat or beat.get("role") != "consumer":
+            if not beat or beat.get("role") != self.role or self.field not in beat:
                 continue
-            for k, v in beat["latency"]["buckets"].items():
+            for k, v in beat[self.field]["buckets"].items():
                 buckets[int(k)] = buckets.get(int(k), 0) + v
-            max_ms = max(max_ms, beat["latency"]["max_ms"])
-        return snap["total"].count, buckets, max_ms
+            max_ms = max(max_ms, beat[self.field]["max_ms"])
+        return sum(buckets.values()), buckets, max_ms
 
     def wait_counting(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while self.read()[0] == 0:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"latency: nothing counted within {timeout} s")
+                raise TimeoutError(f"{self.field}: nothing recorded within {timeout} s")
             time.sleep(0.1)
 
 
@@ -68,10 +77,11 @@ def window(before: dict[int, int], after: dict[int, int], max_ms: int) -> dict:
     return summary
 
 
-def measure_latency(env: dict, rate: float, seconds: float, reps: int, warmup_s: float) -> list[dict]:
+def measure_latency(env: dict, rate: float, seconds: float, reps: int, warmup_s: float,
+                    field: str = "latency") -> list[dict]:
     """Run the pool fresh and measure ``reps`` windows of ``seconds`` at ``rate`` orders/s."""
     settings = Settings.from_env(env)
-    hist = Histograms(settings)
+    hist = Histograms(settings, field)
     processes: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
         pool = SupervisedPool(env, Path(folder))
@@ -101,7 +111,7 @@ def _windows(env: dict, hist: Histograms, rate: float, seconds: float, reps: int
             time.sleep(seconds)
             _, after, max_ms = hist.read()
             results.append(window(before, after, max_ms))
-            log.info("latency rate=%s %s", rate, results[-1])
+            log.info("%s rate=%s %s", hist.field, rate, results[-1])
             before = after
         return results
     finally:

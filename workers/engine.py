@@ -121,6 +121,7 @@ class BatchPlan:
     batches: dict[Source, SourceBatch] = field(default_factory=dict)
     out: list[OutMessage] = field(default_factory=list)
     timestamps_ms: list[int] = field(default_factory=list)  # of counted messages, for latency
+    due_ms: list[int] = field(default_factory=list)  # of the retries handled (retry worker), for lateness
 
     def batch_for(self, source: Source, known_offset: int | None) -> SourceBatch:
         batch = self.batches.get(source)
@@ -323,6 +324,9 @@ class BatchWorker:
 
     def on_released(self, sources: Set[Source]) -> None:
         """Called after ``sources`` were revoked or lost: drop what is kept for them."""
+
+    def on_applied(self, plan: BatchPlan, applied_at_ms: int) -> None:
+        """Called once a plan is applied in Redis (before its messages are published)."""
 
     # -- lifecycle -------------------------------------------------------------------
     def run(self) -> None:
@@ -648,6 +652,7 @@ class BatchWorker:
         if any(r.status in (STATE_LOST, STATE_BEHIND, STATE_AHEAD) for r in results):
             self._rewind()  # it finds which sources, from Redis
             return
+        self.on_applied(plan, applied_at)
         for batch, result in zip(batches, results, strict=True):
             self.known[batch.source] = result.offset
             self.position[batch.source] = batch.to_offset

@@ -260,13 +260,18 @@ class PoolCollector(Collector):
         latency = HistogramMetricFamily("orders_latency_seconds",
                                         "Produce-to-counted latency of the orders this worker counted "
                                         "(since the worker started)", labels=labels)
+        lateness = HistogramMetricFamily("orders_retry_lateness_seconds",
+                                         "How long after its due time each retry was handled, by this retry "
+                                         "worker (since the worker started)", labels=labels)
         for name, beat in mine.items():
             age.add_metric([self.host, name], max(0.0, (now_ms - beat.get("at_ms", now_ms)) / 1000))
-            if "latency" in beat:
-                buckets, total_s = _histogram(beat["latency"])
-                latency.add_metric([self.host, name], buckets, total_s)
+            for field, histogram in (("latency", latency), ("lateness", lateness)):
+                if field in beat:
+                    buckets, total_s = _histogram(beat[field])
+                    histogram.add_metric([self.host, name], buckets, total_s)
         yield age
         yield latency
+        yield lateness
         for name, doc in ((RESTARTS, "Unexpected exits of the process, each followed by a restart (supervisor)"),
                           (FATAL, "Times supervisor gave up starting the process (FATAL)"),
                           (TRANSACTION_ABORTS, "Kafka transactions the worker aborted")):

@@ -22,6 +22,7 @@ from .clients import wait_for
 from .engine import NEW, BatchPlan, BatchWorker, message_key, now_ms, offset_of, source_of
 from .envelope import MalformedEnvelope, Provenance, header_dict, retry_attempt
 from .errors import PermanentError, ServiceUnavailable
+from .latency import LatencyHistogram
 from .processing import backoff_ms
 from .store import Source
 
@@ -51,6 +52,9 @@ class RetryWorker(BatchWorker):
         self.waiting_bytes = 0
         self.paused: set[Source] = set()
         self.order_partitions = settings.partitions  # of the orders topic: refreshed as partitions are added
+        # How late each retry was handled (handled - due), published with the heartbeat
+        # like the latency histogram: `orders status`, `orders metrics` and the bench read it.
+        self.lateness = LatencyHistogram()
 
     def on_assigned(self, sources: Sequence[Source]) -> None:
         for source in sources:
@@ -89,7 +93,7 @@ class RetryWorker(BatchWorker):
 
     def heartbeat_extra(self) -> dict:
         return {"waiting": sum(len(q) for q in self.waiting.values()), "waiting_bytes": self.waiting_bytes,
-                "next_due_ms": self._next_due_ms()}
+                "next_due_ms": self._next_due_ms(), "lateness": self.lateness.as_dict()}
 
     def _next_due_ms(self) -> int | None:
         heads = [q[0][1] for q in self.waiting.values() if q]
@@ -139,7 +143,8 @@ class RetryWorker(BatchWorker):
 
     def _take_due(self, source: Source, queue: deque, plan: BatchPlan) -> None:
         batch = None
-        while queue and queue[0][1] <= now_ms():
+        now = now_ms()
+        while queue and queue[0][1] <= now:
             msg, due, size = queue.popleft()
             self.waiting_bytes -= size
             if batch is None:
@@ -154,10 +159,16 @@ class RetryWorker(BatchWorker):
             except MalformedEnvelope as exc:
                 self.settle(batch, plan, msg, -1, 0, None, malformed=MalformedRetry(str(exc)))
                 continue
+            if due:  # 0: decided before (a replay after a crash or rewind), not a retry made now
+                plan.due_ms.append(due)
             counted = self.settle(batch, plan, msg, provenance.partition, attempt, provenance)
             if counted and log.isEnabledFor(logging.DEBUG):  # one per order: the progress line counts them
                 log.debug("retry succeeded key=%s attempt=%d original_partition=%d original_offset=%d late_ms=%d",
-                          message_key(msg), attempt, provenance.partition, provenance.offset, now_ms() - due)
+                          message_key(msg), attempt, provenance.partition, provenance.offset, now - due)
+
+    def on_applied(self, plan: BatchPlan, applied_at_ms: int) -> None:
+        # Late = applied in Redis (or parked again) - due: what an order waited beyond its backoff.
+        self.lateness.record(applied_at_ms - due for due in plan.due_ms)
 
     def _order_partition_exists(self, partition: int) -> bool:
         if 0 <= partition < self.order_partitions:

@@ -116,6 +116,8 @@ class StatusReader:
                 "backlog": retry_backlog,
                 "waiting": sum(b.get("waiting", 0) for b in retry_beats) if retry_workers else None,
                 "next_due_ms": min(dues) if dues else None,
+                # handled - due of every retry the live retry workers handled since they started
+                "lateness": merge(b["lateness"] for b in retry_workers if "lateness" in b),
             },
             "workers": {name: {"host": b.get("host"), "pid": b.get("pid"), "role": b.get("role"),
                                "at_ms": b.get("at_ms"), "owns": sorted(b.get("positions", {}))}
@@ -216,8 +218,11 @@ def render(data: dict, style=lambda text, **kw: text) -> list[str]:
     due = "-"
     if r["next_due_ms"]:
         due = f"in {max(0, r['next_due_ms'] - data['at_ms']) / 1000:.1f}s"
+    late = r["lateness"]
     lines += ["", style(f"retry    {retry_state}  backlog<={r['backlog']}  waiting={r['waiting']}  next due {due}",
-                        fg=None if r["alive"] else "red")]
+                        fg=None if r["alive"] else "red"),
+              f"         late p50={_num(late['p50_ms'])} ms  p99={_num(late['p99_ms'])} ms  "
+              f"max={_num(late['max_ms'])} ms  (handled after due)"]
     dlq_line = f"dlq      {data['dlq']['size']} dead letter(s)"
     lines.append(style(dlq_line, fg="yellow") if data["dlq"]["grew"] else dlq_line)
     for alert in data["alerts"]:

@@ -56,7 +56,8 @@ def test_quick_benchmark_reports_every_figure_and_cleans_up(tmp_path):
     assert set(figures) == set(ROWS), f"missing figures: {set(ROWS) - set(figures)}"
     for name, value in figures.items():
         assert isinstance(value, (int, float)) and not isinstance(value, bool), name
-        assert math.isfinite(value) and value > 0, f"{name}={value}"
+        # A retry handled within its due millisecond is 0 ms late: lateness may be 0.
+        assert math.isfinite(value) and (value > 0 or name.startswith("lateness") and value == 0), f"{name}={value}"
     host = socket.gethostname()
     # Every partition worker's RSS was sampled; the retry worker's only if it had beaten before a
     # quick drain ended (a clean-clone run saw it still starting).

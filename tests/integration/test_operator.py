@@ -68,6 +68,11 @@ def test_status_dlq_summary_and_replay(env, tmp_path):
             assert part["alive"] and part["lag"] == 0
             assert part["count"] == truth.count_by_partition.get(part["partition"], 0)
         assert status["alerts"] == []
+        # Every retry was handled once and measured: how late, never early (lateness >= 0).
+        retried = len(read_topic(settings.bootstrap_servers, settings.retry_topic))
+        late = wait_until(lambda: (r := status_json(env)["retry"]["lateness"])["count"] == retried and r,
+                          "the retry worker's heartbeat has every retry's lateness", timeout=30)
+        assert retried > 0 and late["p99_ms"] >= late["p50_ms"] >= 0 and late["max_ms"] >= 0
 
         summary = json.loads(run_orders(env, "dlq", "--summary", "--json").stdout)
         assert summary == {"total": len(truth.expected_dead), "replayed": 0,
