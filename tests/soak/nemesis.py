@@ -42,13 +42,15 @@ class Applied:
     """One scheduled fault as it happened; times in seconds after the load started."""
 
     fault: s.Fault
-    applied_s: float | None = None
+    applied_s: float | None = None   # when the action began
+    active_s: float | None = None    # when it had taken effect (a stack command may wait for another's lock)
     healed_s: float | None = None
     outcome: str = "pending"   # healed | skipped | failed
     detail: str = ""
 
     def as_dict(self) -> dict:
-        return {**self.fault.as_dict(), "applied_s": self.applied_s, "healed_s": self.healed_s,
+        return {**self.fault.as_dict(), "applied_s": self.applied_s, "active_s": self.active_s,
+                "healed_s": self.healed_s,
                 "outcome": self.outcome, "detail": self.detail}
 
 
@@ -101,7 +103,7 @@ class Nemesis:
             record.applied_s = self.now()
             log.info("fault kind=%s target=%s duration_s=%s at_s=%s", fault.kind, fault.target,
                      fault.duration_s, record.applied_s)
-            action(fault, lambda: self.stop.wait(fault.duration_s))
+            action(fault, lambda: self._hold(record))
             record.outcome = "healed"
         except FaultSkipped as exc:
             record.outcome, record.detail = "skipped", str(exc)
@@ -114,6 +116,11 @@ class Nemesis:
             log.info("fault over kind=%s target=%s outcome=%s at_s=%s", fault.kind, fault.target,
                      record.outcome, record.healed_s)
 
+    def _hold(self, record: Applied) -> None:
+        """The fault is in effect: keep it for its duration (less if the run is aborted)."""
+        record.active_s = self.now()
+        self.stop.wait(record.fault.duration_s)
+
     # One method per fault kind: act, ``wait()`` the fault's duration, heal.
 
     def _worker_pid(self, target: str) -> tuple[SupervisedPool, int]:
@@ -125,11 +132,12 @@ class Nemesis:
             raise FaultSkipped(f"{program} on {host_name} not running ({out!r})")
         return host, int(out)
 
-    def _worker_kill(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _worker_kill(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         _, pid = self._worker_pid(fault.target)
         _signal(pid, signal.SIGKILL)
+        wait()
 
-    def _worker_pause(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _worker_pause(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         _, pid = self._worker_pid(fault.target)
         self.paused.add(pid)
         _signal(pid, signal.SIGSTOP)
@@ -139,44 +147,44 @@ class Nemesis:
             _signal(pid, signal.SIGCONT)
             self.paused.discard(pid)
 
-    def _host_kill(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _host_kill(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         host = self.hosts[fault.target]
         host.kill_host()
         wait()
         host.start(timeout=HOST_START_TIMEOUT_S)
 
-    def _broker_kill(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _broker_kill(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         stack("kill", fault.target, env=self.bed.env)
         try:
             wait()
         finally:
             stack("start", fault.target, env=self.bed.env)
 
-    def _broker_restart(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _broker_restart(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         stack("restart", fault.target, env=self.bed.env)
 
-    def _redis_kill(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _redis_kill(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         stack("kill", fault.target, env=self.bed.env)
         try:
             wait()
         finally:
             stack("start", fault.target, env=self.bed.env)
 
-    def _producer_crash(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _producer_crash(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         self.load.crash()
         try:
             wait()
         finally:
             self.load.start()
 
-    def _partitions_add(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _partitions_add(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         admin = make_admin(self.settings)
         topic = self.settings.orders_topic
         count = len(admin.list_topics(topic, timeout=30).topics[topic].partitions)
         admin.create_partitions([NewPartitions(topic, count + s.PARTITIONS_ADDED)])[topic].result(60)
         log.info("partitions added topic=%s from=%d to=%d", topic, count, count + s.PARTITIONS_ADDED)
 
-    def _registry_restart(self, fault: s.Fault, wait: Callable[[], bool]) -> None:
+    def _registry_restart(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         stack("restart", "registry", env=self.lane_env)
 
 

@@ -53,6 +53,9 @@ class Sampler:
             snap = self.reader.snapshot()
         except (OrdersError, KafkaException) as exc:
             return {"t": t, "error": f"{type(exc).__name__}: {exc}"[:200]}
+        except Exception as exc:  # an unforeseen client error must not end the sampling
+            log.warning("sample failed", exc_info=True)
+            return {"t": t, "error": f"{type(exc).__name__}: {exc}"[:200]}
         lags = [p["lag"] for p in snap["partitions"] if p["lag"] is not None]
         return {
             "t": t,

@@ -63,6 +63,7 @@ def _bands(ax, faults: list[dict], kinds: list[str]) -> None:
         if f["applied_s"] is None or f["outcome"] == "skipped":
             continue
         row = kinds.index(f["kind"])
-        end = max(f["healed_s"] or f["applied_s"], f["applied_s"] + MIN_BAND_S)
-        ax.axvspan(f["applied_s"], end, ymin=row / len(kinds), ymax=(row + 1) / len(kinds),
+        start = f.get("active_s") or f["applied_s"]
+        end = max(f["healed_s"] or start, start + MIN_BAND_S)
+        ax.axvspan(start, end, ymin=row / len(kinds), ymax=(row + 1) / len(kinds),
                    color=COLORS.get(f["kind"], "tab:gray"), alpha=0.35, lw=0)
