@@ -139,7 +139,10 @@ def _host(env: dict, name: str, folder: Path) -> SupervisedPool:
 
 def _spread(sampler: Sampler) -> bool:
     """Every partition and retry partition owned by a live worker, and both hosts own some."""
-    snap = sampler.reader.snapshot()
+    try:
+        snap = sampler.reader.snapshot()
+    except OrdersError:
+        return False  # the topics not created yet, a server not answering yet
     return snap["pool"]["state"] == "running" and snap["pool"]["hosts"] == sorted(HOSTS)
 
 
