@@ -47,6 +47,7 @@ def main(minutes: float, seed: int | None, rate: int, out: Path | None, plan_onl
             click.echo(f"{fault.at_s:7.1f}s  {fault.kind:<17} {fault.target:<28} {fault.duration_s:5.1f}s")
         return
     out = out or REPO / "run" / "soak" / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
+    out = out.resolve()  # the hosts run supervisord from their own folders
     # SIGTERM ends the run like Ctrl-C: the finally blocks stop the pool, the load and the bed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started_registry = _ensure_registry()

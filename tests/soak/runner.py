@@ -64,6 +64,7 @@ def plan(config: SoakConfig) -> list[schedule.Fault]:
 
 def run(config: SoakConfig, bed: Bed, out: Path) -> dict:
     """Run the soak on ``bed``, writing its report and timeline into ``out``; the report."""
+    out = out.resolve()  # the hosts run supervisord from folders under it
     out.mkdir(parents=True, exist_ok=True)
     faults = plan(config)
     report: dict = {"seed": config.seed, "minutes": config.minutes, "config": asdict(config),
