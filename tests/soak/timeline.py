@@ -46,12 +46,12 @@ def draw(report: dict, path: Path) -> None:
                 if ax is counted_ax:
                     ax.annotate(name, (t, 1), xycoords=("data", "axes fraction"), fontsize=8, rotation=90,
                                 va="top", ha="right")
-    counted_ax.legend(handles=[Patch(color=COLORS[k], alpha=0.35, label=k) for k in kinds], loc="upper right",
-                      fontsize=7, ncol=3)
+    fig.legend(handles=[Patch(color=COLORS[k], alpha=0.35, label=k) for k in kinds], loc="lower center",
+               fontsize=8, ncol=max(1, len(kinds)))
     v = report.get("verdict") or {}
     status = "PASSED" if v.get("passed") else "FAILED" if v else "no verdict"
     fig.suptitle(f"soak seed={report['seed']} {report['minutes']} min: {len(report['faults'])} faults, {status}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))  # room for the faults' legend at the bottom
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
