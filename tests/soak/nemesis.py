@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewPartitions
 
 from workers.clients import make_admin
@@ -31,6 +31,7 @@ from .load import Load
 log = logging.getLogger(__name__)
 
 HOST_START_TIMEOUT_S = 120
+PARTITIONS_ADD_TIMEOUT_S = 180  # a broker restart on two busy cores took up to 60 s
 
 
 class FaultSkipped(Exception):
@@ -178,10 +179,23 @@ class Nemesis:
             self.load.start()
 
     def _partitions_add(self, fault: s.Fault, wait: Callable[[], None]) -> None:
+        """+2 partitions; while a broker is down Kafka refuses (3 replicas need 3 brokers): as an
+        operator would, try again until the broker is back."""
         admin = make_admin(self.settings)
         topic = self.settings.orders_topic
         count = len(admin.list_topics(topic, timeout=30).topics[topic].partitions)
-        admin.create_partitions([NewPartitions(topic, count + s.PARTITIONS_ADDED)])[topic].result(60)
+        deadline = time.monotonic() + PARTITIONS_ADD_TIMEOUT_S
+        while True:
+            try:
+                admin.create_partitions([NewPartitions(topic, count + s.PARTITIONS_ADDED)])[topic].result(60)
+                break
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.INVALID_REPLICATION_FACTOR or time.monotonic() > deadline:
+                    raise
+                log.info("partitions-add waits for every broker: %s", exc.args[0].str())
+                if self.stop.wait(2):
+                    raise FaultSkipped("aborted while waiting for every broker") from exc
+        wait()
         log.info("partitions added topic=%s from=%d to=%d", topic, count, count + s.PARTITIONS_ADDED)
 
     def _registry_restart(self, fault: s.Fault, wait: Callable[[], None]) -> None:
