@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import NewPartitions
 
 from workers.clients import make_admin
@@ -179,24 +179,32 @@ class Nemesis:
             self.load.start()
 
     def _partitions_add(self, fault: s.Fault, wait: Callable[[], None]) -> None:
-        """+2 partitions; while a broker is down Kafka refuses (3 replicas need 3 brokers): as an
-        operator would, try again until the broker is back."""
+        """+2 partitions. While a broker restarts Kafka refuses (3 replicas need 3 brokers) or times
+        out waiting for its controller: as an operator would, try again until it took."""
         admin = make_admin(self.settings)
         topic = self.settings.orders_topic
-        count = len(admin.list_topics(topic, timeout=30).topics[topic].partitions)
+        count = self._partitions(admin)
+        want = count + s.PARTITIONS_ADDED
         deadline = time.monotonic() + PARTITIONS_ADD_TIMEOUT_S
         while True:
             try:
-                admin.create_partitions([NewPartitions(topic, count + s.PARTITIONS_ADDED)])[topic].result(60)
+                admin.create_partitions([NewPartitions(topic, want)])[topic].result(60)
                 break
             except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.INVALID_REPLICATION_FACTOR or time.monotonic() > deadline:
+                # A timed-out request may still have been carried out.
+                if self._partitions(admin) >= want:
+                    break
+                if time.monotonic() > deadline:
                     raise
-                log.info("partitions-add waits for every broker: %s", exc.args[0].str())
+                log.info("partitions-add tries again: %s", exc.args[0].str())
                 if self.stop.wait(2):
-                    raise FaultSkipped("aborted while waiting for every broker") from exc
+                    raise FaultSkipped("aborted while Kafka refused the new partitions") from exc
         wait()
-        log.info("partitions added topic=%s from=%d to=%d", topic, count, count + s.PARTITIONS_ADDED)
+        log.info("partitions added topic=%s from=%d to=%d", topic, count, want)
+
+    def _partitions(self, admin) -> int:
+        topic = self.settings.orders_topic
+        return len(admin.list_topics(topic, timeout=30).topics[topic].partitions)
 
     def _registry_restart(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         stack("restart", "registry", env=self.lane_env)
