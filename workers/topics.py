@@ -69,7 +69,8 @@ def _list_ends(admin: AdminClient, partitions: Sequence[TopicPartition]
     stale: list[TopicPartition] = []
     for tp in partitions:
         try:
-            ends.append(futures[tp].result().offset)
+            offset = futures[tp].result().offset
+            ends.append(offset if offset >= 0 else None)  # -1: no end known (no leader yet)
         except KafkaException as exc:
             code = exc.args[0].code()
             if code not in _MISSING and code not in _STALE_LEADER:
