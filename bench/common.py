@@ -10,12 +10,16 @@ import logging
 import os
 import signal
 import statistics
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 from confluent_kafka import KafkaException, TopicPartition
 
 from tests.conftest import isolated_env
+from tests.pool import SupervisedPool
 from workers.clients import make_admin, make_producer, make_redis, make_registry
 from workers.producer import DeliveryTally, produce_orders
 from workers.serde import OrderSerde, load_schema, subject_for
@@ -145,3 +149,21 @@ def kill_leftovers(processes: dict[int, float]) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (psutil.NoSuchProcess, ProcessLookupError):
             pass
+
+
+@contextmanager
+def running_pool(env: dict, name: str, consumers: int) -> Iterator[SupervisedPool]:
+    """The supervised pool, started in a temp folder; its logs on failure, stopped (and leftovers killed) after."""
+    processes: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix=f"bench-pool-{name}-") as folder:
+        pool = SupervisedPool(env, Path(folder))
+        try:
+            pool.start()
+            processes = process_times(pool.pid(f"consumer:consumer-{p}") for p in range(consumers))
+            yield pool
+        except BaseException:
+            log.error("pool logs:\n%s", pool.logs())
+            raise
+        finally:
+            pool.stop()
+            kill_leftovers(processes)

@@ -22,17 +22,15 @@ import logging
 import os
 import signal
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-from tests.pool import ORDERS, SupervisedPool
+from tests.pool import ORDERS
 from workers.clients import make_redis
 from workers.latency import merge
 from workers.settings import Settings
 from workers.store import AggregateStore
 
-from .common import kill_leftovers, live_workers, process_times
+from .common import live_workers, running_pool
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +80,8 @@ def measure_latency(env: dict, rate: float, seconds: float, reps: int, warmup_s:
     """Run the pool fresh and measure ``reps`` windows of ``seconds`` at ``rate`` orders/s."""
     settings = Settings.from_env(env)
     hist = Histograms(settings, field)
-    processes: dict[int, float] = {}
-    with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
-        pool = SupervisedPool(env, Path(folder))
-        try:
-            pool.start()
-            processes = process_times(pool.pid(f"consumer:consumer-{p}") for p in range(settings.partitions))
-            return _windows(env, hist, rate, seconds, reps, warmup_s)
-        except BaseException:
-            log.error("pool logs:\n%s", pool.logs())
-            raise
-        finally:
-            pool.stop()
-            kill_leftovers(processes)
+    with running_pool(env, settings.redis_prefix, settings.partitions):
+        return _windows(env, hist, rate, seconds, reps, warmup_s)
 
 
 def _windows(env: dict, hist: Histograms, rate: float, seconds: float, reps: int, warmup_s: float) -> list[dict]:

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import logging
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.pool import SupervisedPool
 from workers.settings import Settings
 
-from .common import kill_leftovers, process_times
+from .common import running_pool
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +32,10 @@ PAUSE_S = 0.2
 def measure_metrics(env: dict, scrapes: int, reps: int, timeout: float = 120) -> list[dict]:
     """Start the pool on ``env`` (12 partitions) and time ``reps`` x ``scrapes`` scrapes of its endpoint."""
     settings = Settings.from_env(env)
-    processes: dict[int, float] = {}
-    with tempfile.TemporaryDirectory(prefix=f"bench-pool-{settings.redis_prefix}-") as folder:
-        pool = SupervisedPool(env, Path(folder))
+    with running_pool(env, settings.redis_prefix, 3) as pool, httpx.Client(timeout=10) as client:
         url = f"http://127.0.0.1:{pool.env['METRICS_PORT']}/metrics"
-        try:
-            pool.start()
-            processes = process_times(pool.pid(f"consumer:consumer-{p}") for p in range(3))
-            with httpx.Client(timeout=10) as client:
-                _wait_spread(client, url, timeout)
-                return [_window(client, url, scrapes) for _ in range(reps)]
-        except BaseException:
-            log.error("pool logs:\n%s", pool.logs())
-            raise
-        finally:
-            pool.stop()
-            kill_leftovers(processes)
+        _wait_spread(client, url, timeout)
+        return [_window(client, url, scrapes) for _ in range(reps)]
 
 
 def _owned_and_counting(client: httpx.Client, url: str) -> bool:

@@ -140,8 +140,10 @@ class StatusReader:
         prev = self.previous
         alerts = []
         elapsed = (data["at_ms"] - prev["at_ms"]) / 1000 if prev else 0
+        # By partition number: partitions added since the previous snapshot have no "before".
+        previous = {p["partition"]: p for p in prev["partitions"]} if prev else {}
         for part in data["partitions"]:
-            before = prev["partitions"][part["partition"]] if prev else None
+            before = previous.get(part["partition"])
             part["rate_per_s"] = round((part["count"] - before["count"]) / elapsed, 1) if before and elapsed else None
             part["lag_growing"] = bool(before and part["lag"] is not None and before["lag"] is not None
                                        and part["lag"] > before["lag"] > 0)

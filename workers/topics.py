@@ -69,7 +69,8 @@ def _list_ends(admin: AdminClient, partitions: Sequence[TopicPartition]
     stale: list[TopicPartition] = []
     for tp in partitions:
         try:
-            ends.append(futures[tp].result().offset)
+            offset = futures[tp].result().offset
+            ends.append(offset if offset >= 0 else None)  # -1: no end known (no leader yet)
         except KafkaException as exc:
             code = exc.args[0].code()
             if code not in _MISSING and code not in _STALE_LEADER:
@@ -143,7 +144,20 @@ def ensure_topics(admin: AdminClient, settings: Settings) -> list[str]:
             err = exc.args[0]
             if err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue  # another worker won the race
-            if err.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN):
-                raise ServiceUnavailable(f"kafka: {err.str()}") from exc
-            raise TopicConfigError(f"cannot create topic {name}: {err.str()}") from exc
+            raise create_error(name, err) from exc
     return created
+
+
+# Creating a topic while every broker is fenced (a KRaft broker that has just
+# started and not yet registered) fails with INVALID_REPLICATION_FACTOR, "All
+# brokers are currently fenced.": the broker is starting, not misconfigured.
+_UNAVAILABLE_CODES = (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
+                      KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_CONTROLLER, KafkaError.BROKER_NOT_AVAILABLE)
+
+
+def create_error(name: str, err: KafkaError) -> ServiceUnavailable | TopicConfigError:
+    """What a failed topic creation means: Kafka not (yet) able to answer, or a configuration to fix."""
+    fenced = err.code() == KafkaError.INVALID_REPLICATION_FACTOR and "fenced" in err.str()
+    if err.code() in _UNAVAILABLE_CODES or fenced:
+        return ServiceUnavailable(f"kafka: cannot create topic {name} yet: {err.str()}")
+    return TopicConfigError(f"cannot create topic {name}: {err.str()}")

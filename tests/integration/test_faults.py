@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 LOAD = 20_000
 RATE = 2_500
+LOAD_LOG = "load.log"
 WORKERS = ("consumer:consumer-0", "consumer:consumer-1", "consumer:consumer-2", "retry:retry-0")
 
 
@@ -39,12 +40,18 @@ def env():
 
 def start_load(env: dict, tmp_path: Path, count: int = LOAD, rate: int = RATE) -> subprocess.Popen:
     record = tmp_path / "delivered.jsonl"
-    return subprocess.Popen([ORDERS, "produce", "--count", str(count), "--rate", str(rate), "--record", str(record)],
-                            env={**env, "PATH": "/usr/bin:/bin"}, stderr=subprocess.DEVNULL)
+    with open(tmp_path / LOAD_LOG, "ab") as log_file:  # the producer's log: what a failure says
+        return subprocess.Popen([ORDERS, "produce", "--count", str(count), "--rate", str(rate),
+                                 "--record", str(record)],
+                                env={**env, "PATH": "/usr/bin:/bin"}, stderr=log_file)
 
 
-def finish_load(load: subprocess.Popen, timeout: float = 180) -> None:
-    assert load.wait(timeout) == 0, "the producer reported undelivered orders"
+def finish_load(load: subprocess.Popen, tmp_path: Path, timeout: float = 180) -> None:
+    status = load.wait(timeout)
+    if status != 0:
+        log_text = (tmp_path / LOAD_LOG).read_text(errors="replace")
+        errors = [line for line in log_text.splitlines() if " ERROR " in line]
+        raise AssertionError(f"the producer exited with {status}: {errors[-5:]}")
 
 
 def test_workers_killed_repeatedly(env, pool, tmp_path):
@@ -59,7 +66,7 @@ def test_workers_killed_repeatedly(env, pool, tmp_path):
             pool.kill(name, signal.SIGKILL)
             kills += 1
         time.sleep(0.7)
-    finish_load(load)
+    finish_load(load, tmp_path)
     assert kills >= 10
     pool.wait_all_running(timeout=90)
     check_invariants(env, Settings.from_env(env))
@@ -87,7 +94,7 @@ def test_graceful_restart_of_every_program(env, pool, tmp_path):
                  "dlq-viewer", "metrics", "events"]:
         pool.ctl("restart", name, check=True)
         time.sleep(0.5)
-    finish_load(load)
+    finish_load(load, tmp_path)
     pool.wait_all_running(timeout=90)
     check_invariants(env, Settings.from_env(env))
     log = (pool.folder / "run" / "supervisord.log").read_text()
@@ -102,7 +109,7 @@ def test_broker_restart(env, pool, tmp_path):
     stack("stop", "kafka")
     time.sleep(3)
     stack("start", "kafka")
-    finish_load(load)
+    finish_load(load, tmp_path)
     pool.wait_all_running(timeout=120)
     check_invariants(env, Settings.from_env(env))
 
@@ -131,7 +138,7 @@ def test_redis_restart(env, pool, tmp_path):
     time.sleep(3)
     stack("start", "redis")
     assert client.info("server")["run_id"] != before, "Redis was not restarted"
-    finish_load(load)
+    finish_load(load, tmp_path)
     check_invariants(env, settings)
     # Waiting, not crashing: every worker is the process it was before the outage.
     assert {name: pool.pid(name) for name in WORKERS} == pids
@@ -144,7 +151,7 @@ def test_redis_state_wiped_is_rebuilt_from_the_log(env, pool, tmp_path):
     wait_for_count(store, 2000)
     wiped = store.clear()
     assert wiped > 0
-    finish_load(load)
+    finish_load(load, tmp_path)
     # Exact, although the orders counted before the wipe are only in the log now.
     check_invariants(env, settings)
 
@@ -156,7 +163,7 @@ def test_pool_started_on_empty_redis_with_full_topics(env, tmp_path):
     first = SupervisedPool(env, tmp_path / "a")
     first.start()
     try:
-        finish_load(start_load(env, tmp_path, rate=0))
+        finish_load(start_load(env, tmp_path, rate=0), tmp_path)
         check_invariants(env, settings)
     finally:
         first.stop()
@@ -179,7 +186,7 @@ def test_producer_crash_loses_nothing_it_reported(env, pool, tmp_path):
     reported = [json.loads(line) for line in (tmp_path / "delivered.jsonl").read_text().splitlines()
                 if line.endswith("}")]
     assert len(reported) > 1000
-    finish_load(start_load(env, tmp_path, count=LOAD // 2, rate=0))  # the pool goes on with new orders
+    finish_load(start_load(env, tmp_path, count=LOAD // 2, rate=0), tmp_path)  # the pool goes on with new orders
     truth = check_invariants(env, settings)
     assert {o["orderId"] for o in reported} <= set(truth.decoded)
     keys = [m.key() for m in read_topic(settings.bootstrap_servers, settings.orders_topic)]

@@ -76,7 +76,7 @@ def test_registry_restart_keeps_ids_and_counts_exactly(tmp_path):
         old_pid = pool.kill(victim, signal.SIGKILL)
         wait_until(lambda: pool.pid(victim) not in (0, old_pid), "supervisor restarted the worker")
         assert store.clear() > 0
-        finish_load(load)
+        finish_load(load, tmp_path)
         pool.wait_all_running(timeout=120)
         check_invariants(env, settings)
         assert registry_id(settings.schema_registry_url, settings.orders_topic) == before

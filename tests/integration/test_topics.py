@@ -1,4 +1,6 @@
 import dataclasses
+import functools
+import subprocess
 
 import pytest
 from confluent_kafka import Producer, TopicPartition
@@ -8,7 +10,8 @@ from workers.clients import make_admin, wait_for
 from workers.errors import ServiceUnavailable
 from workers.topics import end_offsets, ensure_topics, partition_counts
 
-from ..pool import stack, wait_until
+from ..pool import STACK, stack, wait_until
+from .conftest import cleanup
 
 
 def test_bootstrap_creates_topics_once(settings):
@@ -71,3 +74,39 @@ def test_end_offsets_after_a_broker_restart(settings):
     wait_until(ends_known, "the end offsets are read")  # the admin client caches the leaders and their epochs
     stack("restart", "kafka")
     wait_until(ends_known, "the end offsets are read again after the restart", timeout=90)
+
+
+def test_topics_are_created_while_the_broker_stops_and_starts(make_settings):
+    """A KRaft broker fences itself as it shuts down (and is fenced again as it starts):
+    CreateTopics then fails with INVALID_REPLICATION_FACTOR, "All brokers are currently
+    fenced". A worker, `orders produce` or `orders init` starting at that moment must wait
+    for the broker, not stop with a configuration error: test_broker_restart's load producer
+    did, in a clean-clone run (its topic bootstrap met the broker's graceful stop).
+    """
+    tried: list = []
+    stopping = subprocess.Popen([STACK, "stop", "kafka"], stdout=subprocess.DEVNULL)
+    try:
+        # New topics, each time by a new client, until the broker is down: some request
+        # meets it while it is fenced.
+        while stopping.poll() is None:
+            tried.append(make_settings(f"fenced{len(tried)}"))
+            try:
+                bootstrap(tried[-1])
+            except ServiceUnavailable:
+                pass  # down (or fenced): waited for below
+        assert stopping.returncode == 0
+        stack("start", "kafka")
+        for s in tried:
+            created = wait_for(functools.partial(bootstrap, s), "kafka", deadline_s=60)
+            assert set(created) <= {s.orders_topic, s.retry_topic, s.dlq_topic}
+        assert all(partition_counts(make_admin(s)).get(s.orders_topic) for s in tried)
+    finally:
+        stopping.wait(timeout=240)
+        stack("start", "kafka")  # a no-op when it runs
+        for s in tried:
+            cleanup(s)
+
+
+def bootstrap(settings) -> list[str]:
+    """What a starting program does first: create the topics, with a client of its own."""
+    return ensure_topics(make_admin(settings), settings)

@@ -17,3 +17,4 @@ def test_every_bound_is_an_upper_bound_of_the_workers_buckets():
     from workers.latency import bucket
     assert all(bucket(b) == b for b in LATENCY_BOUNDS_MS)
     assert cumulative({"3": 1, "2000": 2}, [1, 5, 1000, 60000]) == [(1, 0), (5, 1), (1000, 1), (60000, 3)]
+
