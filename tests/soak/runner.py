@@ -17,18 +17,20 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 
+from workers.clients import make_admin, make_redis
 from workers.errors import OrdersError
 from workers.settings import Settings
+from workers.store import AggregateStore
 
 from ..bed import GROUP_SESSION_S, KAFKA_NODES, REDIS_NODES, Bed
 from ..conftest import isolated_env
-from ..integration.conftest import cleanup
 from ..pool import SupervisedPool, wait_until
 from . import schedule, timeline
 from .checker import verdict
 from .load import Load
 from .nemesis import Nemesis
 from .sampler import Sampler, per_second
+from .topics import pool_topics
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,15 @@ def _spread(sampler: Sampler) -> bool:
 def _cleanup(settings: Settings) -> None:
     """The run's topics and Redis keys (the bed may be shared with other tests); a bed gone is no error."""
     try:
-        cleanup(settings)
+        admin = make_admin(settings)
+        existing = admin.list_topics(timeout=10).topics
+        topics = [t for t in pool_topics(settings) if t in existing]
+        for future in (admin.delete_topics(topics, operation_timeout=30).values() if topics else ()):
+            try:
+                future.result()
+            except KafkaException:
+                pass  # already gone
+        AggregateStore(make_redis(settings), settings.redis_prefix).clear()
     except (KafkaException, OrdersError) as exc:
         log.warning("cleanup failed: %s", exc)
 

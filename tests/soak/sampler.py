@@ -49,10 +49,6 @@ class Sampler:
 
     def sample(self) -> dict:
         t = round(time.monotonic() - self.t0, 2)
-        # No comparison with the previous snapshot (rates are computed here): after partitions
-        # are added, StatusReader._compare indexes the previous snapshot's shorter list and
-        # raises IndexError on every later snapshot (a pool bug, reported in tests/soak/README.md).
-        self.reader.previous = None
         try:
             snap = self.reader.snapshot()
         except (OrdersError, KafkaException) as exc:
@@ -60,9 +56,8 @@ class Sampler:
         except Exception as exc:  # an unforeseen client error must not end the sampling
             log.warning("sample failed", exc_info=True)
             return {"t": t, "error": f"{type(exc).__name__}: {exc}"[:200]}
-        # An end offset Kafka could not give (a leader moving) is -1 in the snapshot, and its
-        # "lag" hugely negative (seen at a broker SIGKILL; reported in tests/soak/README.md): left out.
-        known = [p for p in snap["partitions"] if p["lag"] is not None and (p["end_offset"] or 0) >= 0]
+        # A partition whose end Kafka could not give (no leader while a broker is down) has no lag.
+        known = [p for p in snap["partitions"] if p["lag"] is not None]
         lags = [p["lag"] for p in known]
         return {
             "t": t,
