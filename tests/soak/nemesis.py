@@ -27,6 +27,7 @@ from ..bed import Bed
 from ..pool import SupervisedPool, stack
 from . import schedule as s
 from .load import Load
+from .network import Network
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Nemesis:
     load: Load
     settings: Settings
     lane_env: dict[str, str]         # the lane's own stack (its schema registry)
+    network: Network
     stop: threading.Event = field(default_factory=threading.Event)
     applied: list[Applied] = field(default_factory=list)
     paused: set[int] = field(default_factory=set)
@@ -211,6 +213,14 @@ class Nemesis:
     def _partitions(self, admin) -> int:
         topic = self.settings.orders_topic
         return len(admin.list_topics(topic, timeout=30).topics[topic].partitions)
+
+    def _partition(self, fault: s.Fault, wait: Callable[[], None]) -> None:
+        host, kind = fault.target.split("/", 1)
+        try:
+            self.network.partition(host, kind)
+            wait()
+        finally:
+            self.network.heal(host, kind)
 
     def _registry_restart(self, fault: s.Fault, wait: Callable[[], None]) -> None:
         stack("restart", "registry", env={**self.lane_env, "STACK_START_TIMEOUT": STACK_START_TIMEOUT_S})

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from confluent_kafka import KafkaException
 
@@ -29,6 +30,7 @@ from . import schedule, timeline
 from .checker import verdict
 from .load import Load
 from .nemesis import Nemesis
+from .network import KAFKA, REDIS, REGISTRY, Network, check_available
 from .sampler import Sampler, per_second
 from .topics import pool_topics
 
@@ -82,11 +84,16 @@ def run(config: SoakConfig, bed: Bed, out: Path) -> dict:
     settings = Settings.from_env(env)
     hosts: dict[str, SupervisedPool] = {}
     load = Load(env, out, config.rate, config.seed)
+    check_available()
+    network = Network(tag=str(bed.kafka_ports[0]), hosts=HOSTS, folder=out / "network",
+                      ports={KAFKA: bed.kafka_ports, REDIS: bed.redis_ports,
+                             REGISTRY: [_port(settings.schema_registry_url)]})
     nemesis: Nemesis | None = None
     sampler: Sampler | None = None
     try:
+        network.open()
         for name in HOSTS:
-            hosts[name] = _host(env, name, out / "hosts" / name)
+            hosts[name] = _host(env, name, out / "hosts" / name, network)
             hosts[name].start(timeout=HOST_START_TIMEOUT_S)
         t0 = time.monotonic()
         sampler = Sampler(settings, t0)
@@ -94,7 +101,7 @@ def run(config: SoakConfig, bed: Bed, out: Path) -> dict:
         t0 = sampler.t0 = time.monotonic()
         sampler.start()
         load.start()
-        nemesis = Nemesis(bed, hosts, load, settings, lane_env=dict(os.environ))
+        nemesis = Nemesis(bed, hosts, load, settings, lane_env=dict(os.environ), network=network)
         nemesis.start(faults, t0)
         time.sleep(config.window_s)  # the soak itself: load and faults for the whole window
         if not nemesis.join(HEAL_GRACE_S):
@@ -125,6 +132,7 @@ def run(config: SoakConfig, bed: Bed, out: Path) -> dict:
         load.kill()
         for host in hosts.values():
             host.stop()
+        network.close()  # after the hosts: their processes are in its namespaces
         _keep_bed_logs(bed, out)
         _cleanup(settings)
         _write(out, report)
@@ -134,10 +142,18 @@ def run(config: SoakConfig, bed: Bed, out: Path) -> dict:
     return report
 
 
-def _host(env: dict, name: str, folder: Path) -> SupervisedPool:
+def _host(env: dict, name: str, folder: Path, network: Network) -> SupervisedPool:
+    """A supervisord host in its own network namespace."""
     folder.mkdir(parents=True)
     return SupervisedPool({**env, "ORDERS_HOST": name, "ORDERS_WORKERS": str(WORKERS),
-                           "RETRY_WORKERS": str(RETRY_WORKERS)}, folder)
+                           "RETRY_WORKERS": str(RETRY_WORKERS)}, folder, prefix=tuple(network.exec_prefix(name)))
+
+
+def _port(url: str) -> int:
+    parsed = urlsplit(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost") or parsed.port is None:
+        raise ValueError(f"the soak's hosts reach servers on 127.0.0.1:<port> only, not {url}")
+    return parsed.port
 
 
 def _spread(sampler: Sampler) -> bool:

@@ -3,7 +3,8 @@
 Pure logic: the same seed and topology always give the same schedule, so a failed
 run is reproduced by rerunning with its seed. Faults overlap, except that two
 faults never hold the same resource at once (one Kafka fault at a time, one Redis
-fault at a time, one fault per worker, a host fault excludes its workers' faults):
+fault at a time, one fault per worker, one partition per host and link, a host fault
+excludes its workers' faults and its partitions):
 with 3 brokers and min.insync.replicas=2, two brokers down at once is an outage
 of the whole cluster, not a fault the pool is asked to ride out while it counts.
 """
@@ -22,6 +23,7 @@ REDIS_KILL = "redis-kill"            # SIGKILL of a Redis Cluster node (AOF ever
 PRODUCER_CRASH = "producer-crash"    # SIGKILL of the load producer, a new one started later
 PARTITIONS_ADD = "partitions-add"    # partitions added to the live orders topic
 REGISTRY_RESTART = "registry-restart"  # graceful restart of the schema registry
+PARTITION = "partition"              # a host's namespace cut from the brokers or from Redis past the session
 
 WEIGHTS = {
     WORKER_KILL: 3.0,
@@ -33,14 +35,16 @@ WEIGHTS = {
     PRODUCER_CRASH: 1.0,
     PARTITIONS_ADD: 0.5,
     REGISTRY_RESTART: 0.5,
+    PARTITION: 1.5,
 }
 # At most this many of a kind per run: each adds partitions for good / costs a long JVM start.
 MAX_PER_RUN = {PARTITIONS_ADD: 2, REGISTRY_RESTART: 1}
 # How long a heal takes on top of the drawn duration (a restart and its readiness wait on
 # two busy cores): the resource stays taken meanwhile, and the fault must heal before the end.
 SETTLE_S = {HOST_KILL: 20.0, BROKER_KILL: 30.0, BROKER_RESTART: 45.0, REDIS_KILL: 10.0,
-            REGISTRY_RESTART: 45.0, PRODUCER_CRASH: 5.0, WORKER_PAUSE: 2.0}
+            REGISTRY_RESTART: 45.0, PRODUCER_CRASH: 5.0, WORKER_PAUSE: 2.0, PARTITION: 2.0}
 PARTITIONS_ADDED = 2  # per partitions-add fault
+PARTITION_FROM = ("kafka", "redis")  # what a partition cuts a host from (tests/soak/network.py's links)
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class Topology:
 class Fault:
     at_s: float          # seconds after the load started
     kind: str
-    target: str          # "host-a/consumer:consumer-1", "host-b", "kafka-2", "redis-4", "load", "orders", "registry"
+    target: str          # "host-a/consumer:consumer-1", "host-b", "kafka-2", "redis-4", "load", "orders",
+    #                      "registry", "host-a/kafka" (a partition of host-a from the brokers)
     duration_s: float    # how long the fault lasts before its heal starts (0: the action is the whole fault)
 
     @property
@@ -126,6 +131,8 @@ def _target(rng: random.Random, topo: Topology, kind: str) -> str:
         return f"{rng.choice(topo.hosts)}/{rng.choice(topo.worker_programs())}"
     if kind == HOST_KILL:
         return rng.choice(topo.hosts)
+    if kind == PARTITION:
+        return f"{rng.choice(topo.hosts)}/{rng.choice(PARTITION_FROM)}"
     if kind in (BROKER_KILL, BROKER_RESTART):
         return f"kafka-{rng.randrange(topo.kafka_nodes)}"
     if kind == REDIS_KILL:
@@ -140,6 +147,7 @@ def _target(rng: random.Random, topo: Topology, kind: str) -> str:
 def _duration(rng: random.Random, topo: Topology, kind: str) -> float:
     low, high = {
         WORKER_PAUSE: (topo.session_s + 4, topo.session_s + 14),
+        PARTITION: (topo.session_s + 4, topo.session_s + 14),
         HOST_KILL: (8.0, 30.0),
         BROKER_KILL: (5.0, 25.0),
         REDIS_KILL: (2.0, 12.0),

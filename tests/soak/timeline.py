@@ -17,6 +17,7 @@ COLORS = {
     s.WORKER_KILL: "tab:red", s.WORKER_PAUSE: "tab:purple", s.HOST_KILL: "darkred",
     s.BROKER_KILL: "tab:orange", s.BROKER_RESTART: "gold", s.REDIS_KILL: "tab:brown",
     s.PRODUCER_CRASH: "tab:gray", s.PARTITIONS_ADD: "tab:cyan", s.REGISTRY_RESTART: "tab:olive",
+    s.PARTITION: "tab:blue",
 }
 MIN_BAND_S = 1.0  # an instant fault (a SIGKILL) still shows as a thin band
 
