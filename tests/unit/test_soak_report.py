@@ -1,8 +1,11 @@
-"""The soak's report pieces that need no server: per-second rates and the PNG timeline."""
+"""The soak's report pieces that need no server: per-second rates, the PNG timeline, a log check."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from tests.soak import schedule as s
 from tests.soak import timeline
+from tests.soak.checker import _no_state_wiped
 from tests.soak.sampler import per_second
 
 
@@ -24,3 +27,14 @@ def test_the_timeline_is_a_png_with_every_fault_kind(tmp_path):
     path = tmp_path / "timeline.png"
     timeline.draw(report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_worker_that_wiped_the_state_fails_the_check(tmp_path):
+    for name, line in (("host-a", "progress worker=host-a-consumer-0 counted=10"),
+                       ("host-b", "state past the end of its partition worker=host-b-consumer-2 action=rebuild_all")):
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "consumer-2.log").write_text(line + "\n")
+    hosts = {name: SimpleNamespace(folder=tmp_path / name) for name in ("host-a", "host-b")}
+    check = _no_state_wiped(hosts)  # type: ignore[arg-type]
+    assert not check.ok and "host-b consumer-2" in check.detail and "host-a" not in check.detail
+    assert _no_state_wiped({"host-a": hosts["host-a"]}).ok  # type: ignore[dict-item]
