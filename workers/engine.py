@@ -47,7 +47,6 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
-    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
@@ -82,7 +81,7 @@ from .store import (
     SourceBatch,
     Totals,
 )
-from .topics import known_end_offsets
+from .topics import describe_topics, known_end_offsets
 from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
@@ -472,11 +471,7 @@ class BatchWorker:
     def _describe_topics(self, sources: Sequence[Source]) -> dict[Source, int]:
         """Learn the topics' ids (and tie Redis's state to them); returns each source's end offset."""
         names = [self.settings.orders_topic, self.settings.retry_topic, self.settings.dlq_topic]
-        try:
-            futures = self.admin.describe_topics(TopicCollection(names), request_timeout=10)
-            described = {name: future.result() for name, future in futures.items()}
-        except KafkaException as exc:
-            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+        described = describe_topics(self.admin, names, timeout=10)
         found = known_end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in sources])
         ends = dict(zip(sources, found, strict=True))
         self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
