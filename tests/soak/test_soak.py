@@ -2,7 +2,9 @@
 dead-lettered once through the schedule's faults, and the counts converged after the last heal.
 
 Not in the default run (pyproject.toml deselects the ``soak`` marker): it takes about
-8 minutes on two cores. ``scripts/test tests/soak -m soak`` runs it.
+5 minutes on two otherwise idle cores, 8-10 beside another test run (tests/soak/README.md,
+"The soak in CI"). ``scripts/test tests/soak -m soak`` runs it; it needs root (network
+namespaces).
 """
 from __future__ import annotations
 
