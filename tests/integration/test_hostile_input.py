@@ -35,7 +35,7 @@ from workers.settings import Settings
 from workers.topics import ensure_topics
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, read_topic, run_orders, wait_until_quiet
+from ..pool import ORDERS, read_retries, read_topic, run_orders, wait_until_quiet
 from .conftest import cleanup
 
 BIG_VALUE_BYTES = 1_000_000   # fits the broker's default message.max.bytes (1048588) with framing
@@ -329,7 +329,7 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
         assert msg.value() == case.value, case.name
         assert msg.key() == case.key, case.name
     # Nothing permanent was sent for a retry.
-    assert read_topic(settings.bootstrap_servers, settings.retry_topic) == []
+    assert read_retries(settings) == []
 
     # No worker crashed or restarted; all of them still shut down cleanly.
     workers.assert_alive_and_clean()
