@@ -62,6 +62,10 @@ def test_status_dlq_summary_and_replay(env, tmp_path):
         assert owners <= {settings.member("consumer", slot) for slot in range(3)}  # the group spread them
         assert status["dlq"]["size"] == len(truth.expected_dead)
         assert status["global"]["count"] == truth.count
+        # One line per delay level (issue 14), each with its backlog and waiting retries.
+        assert [level["topic"] for level in status["retry"]["levels"]] == settings.retry_topics
+        assert all(level["current"] and level["waiting"] == 0 for level in status["retry"]["levels"])
+        assert sum(level["backlog"] for level in status["retry"]["levels"]) == status["retry"]["backlog"]
         for part in status["partitions"]:
             assert part["alive"] and part["lag"] == 0
             assert part["count"] == truth.count_by_partition.get(part["partition"], 0)
