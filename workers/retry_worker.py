@@ -29,8 +29,9 @@ from .engine import NEW, BatchPlan, BatchWorker, message_key, now_ms, offset_of,
 from .envelope import MalformedEnvelope, Provenance, header_dict, retry_attempt
 from .errors import PermanentError, ServiceUnavailable
 from .latency import LatencyHistogram
+from .settings import Settings
 from .store import Source
-from .topics import existing_retry_topics
+from .topics import existing_retry_topics, retry_delay_of
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ class MalformedRetry(PermanentError):
     """A message on the retry topic without the headers the retry worker needs."""
 
 
-# A due time can be at most the longest backoff the settings give, plus this, ahead
-# of now (room for clock skew and a backoff shortened between runs). One further
-# ahead would pause its partition for as long: it is dead-lettered instead.
+# A due time can be at most its level's delay, plus this, ahead of now (room for
+# clock skew). One further ahead would hold its partition for as long: it is
+# dead-lettered instead.
 DUE_MARGIN_MS = 60_000
 # How often the worker looks for retry topics it does not consume yet (levels another
 # host created with other backoff settings): one metadata request.
@@ -163,14 +164,17 @@ class RetryWorker(BatchWorker):
         if self.prior(source_of(msg), offset_of(msg))[0] != NEW:
             return 0  # decided before: nothing to wait for
         try:
-            return self._checked_due(retry_attempt(header_dict(msg.headers()))[1])
+            return self._checked_due(retry_attempt(header_dict(msg.headers()))[1], msg.topic() or "")
         except MalformedEnvelope:
             return 0  # handled (dead-lettered) at once
 
-    def _checked_due(self, due_ms: int) -> int:
-        """The due time, if no further ahead than any backoff can put it; raises MalformedEnvelope."""
-        s = self.settings
-        longest = s.retry_delay_ms(max(1, s.max_retries))
+    def _checked_due(self, due_ms: int, topic: str) -> int:
+        """The due time, if no further ahead than its level's delay can put it; raises MalformedEnvelope.
+
+        The level is the topic's (``orders-retry-5000ms``: 5 s), whatever today's backoff
+        settings are, so the retries of levels no longer in use are waited for as made.
+        """
+        longest = longest_delay_ms(self.settings, topic)
         ahead = due_ms - now_ms()
         if ahead > longest + DUE_MARGIN_MS:
             raise MalformedEnvelope(f"due time {due_ms} is {ahead} ms ahead, beyond the longest backoff "
@@ -189,7 +193,7 @@ class RetryWorker(BatchWorker):
             headers = header_dict(msg.headers())
             try:
                 attempt, due_ms = retry_attempt(headers)
-                self._checked_due(due_ms)
+                self._checked_due(due_ms, source.topic)
                 provenance = Provenance.from_headers(headers)
                 if not self._order_partition_exists(provenance.partition):
                     raise MalformedEnvelope(f"original partition {provenance.partition} does not exist")
@@ -238,6 +242,13 @@ class RetryWorker(BatchWorker):
         if to_resume:
             self.consumer.resume([TopicPartition(s.topic, s.partition) for s in to_resume])
             self.paused.difference_update(to_resume)
+
+
+def longest_delay_ms(settings: Settings, topic: str) -> int:
+    """How far ahead a retry on ``topic`` can be due: its level's delay (``orders-retry-5000ms``:
+    5 s) whatever today's settings; on the single retry topic of earlier versions, today's longest."""
+    delay = retry_delay_of(topic)
+    return delay if delay >= 0 else settings.retry_delay_ms(max(1, settings.max_retries))
 
 
 # What a waiting message holds beyond the bytes of its key, value and headers: the

@@ -3,6 +3,7 @@ from dataclasses import FrozenInstanceError
 import pytest
 
 from workers.errors import ConfigError
+from workers.retry_worker import longest_delay_ms
 from workers.settings import Settings, redact_url
 from workers.topics import retry_delay_of, retry_family
 
@@ -161,3 +162,12 @@ def test_every_librdkafka_secret_is_masked(name):
 def test_the_sensitive_list_is_librdkafkas():
     from workers.settings import LIBRDKAFKA_SENSITIVE as listed
     assert set(listed) == set(LIBRDKAFKA_SENSITIVE)
+
+
+def test_a_retry_may_be_due_as_far_ahead_as_its_own_level_says():
+    """A level of earlier, longer backoff settings is waited for as made, not dead-lettered as
+    'due too far ahead' under today's shorter ones."""
+    s = Settings.from_env({"RETRY_BACKOFF_MS": "200"})
+    assert longest_delay_ms(s, "orders-retry-600000ms") == 600_000
+    assert longest_delay_ms(s, "orders-retry-200ms") == 200
+    assert longest_delay_ms(s, "orders-retry") == 800  # the single topic of earlier versions: today's longest
