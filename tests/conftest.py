@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 from workers.settings import Settings
 
+from .bed import Bed, running_bed
 from .lanes import lane_env, xdist_lane
 
 # Each xdist worker tests against its own lane's stack (tests/lanes.py). This runs when
@@ -52,6 +54,18 @@ def make_settings():
     def build(name: str = "test", **extra: str) -> Settings:
         return Settings.from_env(isolated_env(name, **extra))
     return build
+
+
+@pytest.fixture(scope="session")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """The lane's scale-out bed (tests/bed.py), started once for the tests that ask for it.
+
+    Those tests (tests/integration/test_scale_out.py, tests/soak) share the xdist group
+    "cluster-bed", so one lane runs them all on one bed; it is defined here, above both
+    folders, so that they share one instance rather than each starting a bed on its ports.
+    """
+    with running_bed(tmp_path_factory.mktemp("cluster-stack")) as started:
+        yield started
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

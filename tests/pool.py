@@ -53,18 +53,20 @@ def free_port() -> int:
 class SupervisedPool:
     """supervisord with the repo's supervisor.conf, in its own folder."""
 
-    def __init__(self, env: dict, folder: Path):
+    def __init__(self, env: dict, folder: Path, prefix: tuple[str, ...] = ()):
+        """``prefix`` runs supervisord under a command (``ip netns exec <ns>``: a host in a namespace)."""
         # As scripts/start does: three partition workers and one retry worker by default.
         self.env = {"PATH": os.environ["PATH"], "ORDERS_WORKERS": "3", "RETRY_WORKERS": "1",
                     "METRICS_PORT": str(free_port()), **env}
         self.folder = folder
+        self.prefix = list(prefix)
         shutil.copy(REPO / "supervisor.conf", folder / "supervisor.conf")
         (folder / ".venv").symlink_to(REPO / ".venv")
         (folder / "run").mkdir()
         self.ctl_base = [str(REPO / ".venv/bin/supervisorctl"), "-c", str(folder / "supervisor.conf")]
 
     def start(self, timeout: float = 60) -> None:
-        subprocess.run([str(REPO / ".venv/bin/supervisord"), "-c", str(self.folder / "supervisor.conf")],
+        subprocess.run([*self.prefix, str(REPO / ".venv/bin/supervisord"), "-c", str(self.folder / "supervisor.conf")],
                        env=self.env, check=True, cwd=self.folder)
         self.wait_all_running(timeout)
 

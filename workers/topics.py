@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Sequence
 
 from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec, TopicDescription
 
 from .errors import ServiceUnavailable, TopicConfigError
 from .settings import Settings
@@ -84,12 +84,26 @@ def _list_ends(admin: AdminClient, partitions: Sequence[TopicPartition]
 
 def _refresh_metadata(admin: AdminClient, topics: list[str]) -> None:
     """Have the admin client ask the brokers for these topics' leaders again (a Metadata request)."""
-    futures = admin.describe_topics(TopicCollection(topics), request_timeout=METADATA_TIMEOUT_S)
-    for future in futures.values():
-        try:
-            future.result()
-        except KafkaException as exc:
-            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    describe_topics(admin, topics)
+
+
+def describe_topics(admin: AdminClient, topics: Sequence[str], timeout: float = METADATA_TIMEOUT_S
+                    ) -> dict[str, TopicDescription]:
+    """The topics' descriptions (topic ids, partitions); raises ServiceUnavailable if Kafka does not answer.
+
+    librdkafka sends DescribeTopics to the broker that its last Metadata answer named
+    as the controller, and waits for that broker even after it died: it looks the
+    controller up again only when it knows none. A KRaft broker names a random live
+    broker, so a Metadata request (answered by any broker that is up) comes first;
+    without it a worker starting while one broker of three was down waited until that
+    broker came back (the nemesis soak: 50 s; tests/integration/test_controller_down.py).
+    """
+    try:
+        admin.list_topics(timeout=timeout)  # every topic: naming one could auto-create it
+        futures = admin.describe_topics(TopicCollection(list(topics)), request_timeout=timeout)
+        return {name: future.result() for name, future in futures.items()}
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
 
 
 def wanted_topics(settings: Settings) -> dict[str, int]:

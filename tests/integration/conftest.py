@@ -5,8 +5,6 @@ A missing server fails the test (never skips): start the stack with
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 import redis
@@ -16,7 +14,6 @@ from confluent_kafka.admin import AdminClient
 from workers.clients import make_admin, make_redis
 from workers.store import AggregateStore
 
-from ..bed import Bed, running_bed
 from ..conftest import stack_env
 from ..pool import SupervisedPool
 
@@ -43,16 +40,6 @@ def _require_stack() -> None:
 @pytest.fixture(scope="session", autouse=True)
 def stack():
     _require_stack()
-
-
-@pytest.fixture(scope="session")
-def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    """The lane's scale-out bed (tests/bed.py), started once for the tests that ask for it.
-
-    Those tests share the xdist group "cluster-bed", so one lane runs them all on one bed.
-    """
-    with running_bed(tmp_path_factory.mktemp("cluster-stack")) as started:
-        yield started
 
 
 @pytest.fixture

@@ -1,0 +1,40 @@
+"""The soak's report pieces that need no server: per-second rates, the PNG timeline, a log check."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from tests.soak import schedule as s
+from tests.soak import timeline
+from tests.soak.checker import _no_state_wiped
+from tests.soak.sampler import per_second
+
+
+def test_counted_per_second_skips_unreadable_samples():
+    samples: list[dict] = [{"t": 0.0, "counted": 0}, {"t": 1.0, "counted": 300}, {"t": 2.0, "error": "redis down"},
+               {"t": 3.0, "counted": 900}]
+    assert per_second(samples) == [{"t": 1.0, "counted_per_s": 300.0}, {"t": 3.0, "counted_per_s": 300.0}]
+
+
+def test_the_timeline_is_a_png_with_every_fault_kind(tmp_path):
+    faults = [{**s.Fault(10.0 + i, kind, "x", 2.0).as_dict(), "applied_s": 10.0 + i, "active_s": 10.5 + i,
+               "healed_s": 13.0 + i, "outcome": "healed", "detail": ""} for i, kind in enumerate(s.WEIGHTS)]
+    faults.append({**s.Fault(30.0, s.WORKER_KILL, "x", 0).as_dict(), "applied_s": None, "active_s": None,
+                   "healed_s": 30.0, "outcome": "skipped", "detail": "not running"})
+    samples = [{"t": float(t), "counted": 300 * t, "lag": t % 7, "retry_backlog": t % 3, "dlq": t // 10}
+               for t in range(60)]
+    report = {"seed": 1, "minutes": 1, "faults": faults, "samples": samples,
+              "marks": {"last heal": 40.0, "converged": None}, "verdict": {"passed": True}}
+    path = tmp_path / "timeline.png"
+    timeline.draw(report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_worker_that_wiped_the_state_fails_the_check(tmp_path):
+    for name, line in (("host-a", "progress worker=host-a-consumer-0 counted=10"),
+                       ("host-b", "state past the end of its partition worker=host-b-consumer-2 action=rebuild_all")):
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "consumer-2.log").write_text(line + "\n")
+    hosts = {name: SimpleNamespace(folder=tmp_path / name) for name in ("host-a", "host-b")}
+    check = _no_state_wiped(hosts)  # type: ignore[arg-type]
+    assert not check.ok and "host-b consumer-2" in check.detail and "host-a" not in check.detail
+    assert _no_state_wiped({"host-a": hosts["host-a"]}).ok  # type: ignore[dict-item]
