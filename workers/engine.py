@@ -368,6 +368,9 @@ class BatchWorker:
         """Join (or change what we ask of) the consumer group; state is loaded per partition
         as the group assigns it (_on_assign)."""
         self.subscription = topics
+        if not topics:  # RETRY_MAX=0: no retry topic (librdkafka refuses an empty subscription)
+            log.info("nothing to consume yet worker=%s", self.name)
+            return
         self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("joined the consumer group worker=%s topics=%s", self.name, ",".join(topics))
 

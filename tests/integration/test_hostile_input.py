@@ -59,6 +59,8 @@ class Workers:
         # The name each logs as: a pinned worker its partition, the retry worker its group membership.
         self.names = {role: role for role in self.roles}
         self.names["retry"] = Settings.from_env(env).member("retry", 0)
+        # What each logs once it consumes (a sync point for start, not an assertion).
+        self.ready = {role: f"start worker={name} " for role, name in self.names.items()}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def log_path(self, role: str) -> Path:
@@ -81,7 +83,7 @@ class Workers:
             for role in list(pending):
                 if self.procs[role].poll() is not None:
                     raise AssertionError(f"{role} exited with {self.procs[role].returncode}:\n{self.logs()}")
-                if f"start worker={self.names[role]} " in self.log(role):
+                if self.ready[role] in self.log(role):
                     pending.discard(role)
             time.sleep(0.2)
         if pending:

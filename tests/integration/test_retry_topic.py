@@ -170,3 +170,27 @@ def test_a_short_retry_is_not_held_behind_a_longer_one_produced_before_it(tmp_pa
             assert workers.stop() == {"retry": 0}
     finally:
         cleanup(settings)
+
+
+def test_without_retries_the_retry_worker_idles(tmp_path):
+    """RETRY_MAX=0: no retry topic exists, so the retry worker has nothing to subscribe to. It
+    waits (librdkafka refuses an empty subscription, which would crash-loop it), and every
+    failed order goes straight to the DLQ."""
+    env = isolated_env("noretry", ORDERS_FAILURE_RATE="1", RETRY_MAX="0", ORDERS_PARTITIONS="1")
+    settings = Settings.from_env(env)
+    try:
+        run_orders(env, "init")
+        assert settings.retry_topics == []
+        run_orders(env, "produce", "--count", "20")
+        workers = Workers(env, tmp_path, partitions=1)
+        workers.ready["retry"] = "nothing to consume yet"
+        try:
+            workers.start()
+            wait_until(lambda: len(dead_letters(env)) == 20, "every order is dead-lettered")
+            assert {d["attempts"] for d in dead_letters(env)} == {1}
+            assert stats(env)["count"] == 0
+            workers.assert_alive_and_clean()
+        finally:
+            assert workers.stop() == {"partition-0": 0, "retry": 0}
+    finally:
+        cleanup(settings)
