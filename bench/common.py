@@ -64,7 +64,7 @@ class Resources:
 
     def names(self) -> dict[str, list[str]]:
         """What the run created, by kind (written to the JSON so a test can check the clean-up)."""
-        return {"topics": sorted({t for s in self._settings for t in (s.orders_topic, s.retry_topic, s.dlq_topic)}),
+        return {"topics": sorted({t for s in self._settings for t in (s.orders_topic, *s.retry_topics, s.dlq_topic)}),
                 "redis_prefixes": sorted({s.redis_prefix for s in self._settings}),
                 "group_prefixes": sorted({s.group_prefix for s in self._settings})}
 
@@ -73,8 +73,7 @@ class Resources:
             return
         admin = make_admin(self._settings[0])
         existing = set(admin.list_topics(timeout=10).topics)
-        named = {t for s in self._settings for t in (s.orders_topic, s.retry_topic, s.dlq_topic)}
-        topics = sorted(named & existing)
+        topics = sorted(t for t in existing if any(s.is_pool_topic(t) for s in self._settings))
         _wait_all(admin.delete_topics(topics, operation_timeout=30) if topics else {})
         prefixes = tuple(s.group_prefix for s in self._settings)
         groups = [g.group_id for g in admin.list_consumer_groups().result(timeout=10).valid
@@ -82,7 +81,8 @@ class Resources:
         _wait_all(admin.delete_consumer_groups(groups, request_timeout=30) if groups else {})
         keys = sum(AggregateStore(make_redis(s), s.redis_prefix).clear() for s in self._settings)
         # Every named topic's subject: one may be registered without its topic (the pools' feed).
-        subjects = delete_subjects(self._settings[0], [subject_for(t) for t in sorted(named)])
+        named = {s.orders_topic for s in self._settings}
+        subjects = delete_subjects(self._settings[0], [subject_for(t) for t in sorted(named | set(topics))])
         log.info("cleanup topics=%d groups=%d redis_keys=%d subjects=%d", len(topics), len(groups), keys, subjects)
 
 

@@ -27,8 +27,8 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from workers.clients import make_admin
 from workers.errors import PermanentError, TransientError
-from workers.processing import Downstream, backoff_ms, validate
-from workers.settings import Settings
+from workers.processing import Downstream, validate
+from workers.settings import Settings, backoff_ms
 from workers.topics import ensure_topics
 
 log = logging.getLogger(__name__)

@@ -149,6 +149,11 @@ class SupervisedPool:
                 pass
 
 
+def read_retries(settings: Settings) -> list:
+    """Every committed message of every delay level's retry topic (today's settings)."""
+    return [msg for topic in settings.retry_topics for msg in read_topic(settings.bootstrap_servers, topic)]
+
+
 def read_topic(bootstrap: str, topic: str, timeout: float = 30) -> list:
     """Every committed message of ``topic``, from the start to its current end."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,
@@ -233,6 +238,11 @@ def wait_until(check: Callable[[], T | None], what: str, timeout: float = 60, in
         time.sleep(interval)
 
 
+def status_json(env: dict) -> dict:
+    """`orders status --json`: one snapshot of the pool."""
+    return json.loads(run_orders(env, "status", "--json", "--interval", "0.5").stdout)
+
+
 def stats(env: dict) -> dict:
     return json.loads(run_orders(env, "stats", "--json").stdout)
 
@@ -289,7 +299,7 @@ def check_invariants(env: dict, settings: Settings) -> Truth:
 def check_retries_waited(settings: Settings) -> None:
     """Each retry step was taken no earlier than the due time of the step before it."""
     steps: dict[str, list[tuple[int, int, int]]] = {}
-    for msg in read_topic(settings.bootstrap_servers, settings.retry_topic):
+    for msg in read_retries(settings):
         h = env_headers.header_dict(msg.headers())
         attempt, due = env_headers.retry_attempt(h)
         steps.setdefault(msg.key().decode(), []).append((attempt, due, msg.timestamp()[1]))

@@ -77,7 +77,7 @@ def init(settings: Settings) -> None:
     stop = StopFlag().install()
     _bootstrap(settings, stop)
     schema_id = wait_for(lambda: _serde(settings).register(settings.orders_topic), "schema registry", should_stop=stop)
-    click.echo(f"topics ready: {settings.orders_topic}, {settings.retry_topic}, {settings.dlq_topic}; "
+    click.echo(f"topics ready: {settings.orders_topic}, {', '.join(settings.retry_topics)}, {settings.dlq_topic}; "
                f"schema id {schema_id}")
 
 
@@ -341,7 +341,7 @@ def stats(settings: Settings, as_json: bool) -> None:
     # The configured sources too, should the registry of sources be missing (it is rebuilt by the workers).
     partitions = _orders_partitions(settings)
     sources = [Source(settings.orders_topic, p) for p in range(partitions)]
-    sources += [Source(settings.retry_topic, p) for p in range(settings.retry_partitions)]
+    sources += [Source(topic, p) for topic in settings.retry_topics for p in range(settings.retry_partitions)]
     snap = store.snapshot(partitions, sources)
     data = {**snap["total"].as_dict(),
             "partitions": [{"partition": p, **t.as_dict()} for p, t in enumerate(snap["partitions"])]}

@@ -14,12 +14,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from . import envelope as env
 from . import oversize
-from .clients import produce_one
+from .clients import produce_one, wait_for
 from .errors import OrderError, OrdersError, ServiceUnavailable
 from .logs import printable
 from .serde import OrderSerde
 
 log = logging.getLogger(__name__)
+
+READ_START_S = 30.0  # a one-shot read (`orders dlq`) waits this long for the end offsets
 
 FLUSH_TIMEOUT_S = 60
 
@@ -173,23 +175,17 @@ def read_dead_letters(consumer: Consumer, topic: str, serde: OrderSerde, *, foll
                       stop: Callable[[], bool], poll_timeout_s: float = 0.5) -> Iterator[DeadLetter]:
     """Yield dead letters from the start of ``topic``.
 
-    Without ``follow`` it stops at the end offsets seen when it started.
-    Raises ServiceUnavailable when Kafka does not answer.
+    Without ``follow`` it stops at the end offsets seen when it started, and raises
+    ServiceUnavailable when Kafka does not tell them within READ_START_S. With
+    ``follow`` (a long-running viewer, like a worker) it waits for Kafka as long as it
+    takes: a broker restarting, or partitions whose leaders are still being elected
+    just after the topic was created, must not end it.
     """
-    try:
-        metadata = consumer.list_topics(topic, timeout=10)
-    except KafkaException as exc:
-        raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
-    meta = metadata.topics.get(topic)
-    if meta is None or meta.error is not None or not meta.partitions:
+    ends = wait_for(lambda: _end_offsets(consumer, topic), "kafka", should_stop=stop,
+                    deadline_s=None if follow else READ_START_S)
+    if ends is None:
         return
-    partitions = sorted(meta.partitions)
-    ends = {}
-    for p in partitions:
-        try:
-            ends[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-        except KafkaException as exc:
-            raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    partitions = sorted(ends)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     done = {p for p, high in ends.items() if high == 0}
     while not stop() and (follow or len(done) < len(partitions)):
@@ -208,6 +204,18 @@ def read_dead_letters(consumer: Consumer, topic: str, serde: OrderSerde, *, foll
             for tp in consumer.position([TopicPartition(topic, p) for p in partitions]):
                 if tp.offset >= ends[tp.partition]:
                     done.add(tp.partition)
+
+
+def _end_offsets(consumer: Consumer, topic: str) -> dict[int, int] | None:
+    """Each partition's high watermark; None if the topic does not exist. Raises ServiceUnavailable."""
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return None
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in sorted(meta.partitions)}
+    except KafkaException as exc:
+        raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
 
 
 def summarize(letters: Iterable[DeadLetter], replays: dict[str, dict]) -> dict:

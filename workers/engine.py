@@ -66,7 +66,7 @@ from .errors import (
 from .latency import LatencyHistogram
 from .ledger import Published, published_decisions
 from .logs import printable
-from .processing import Downstream, backoff_ms, price_cents, validate
+from .processing import Downstream, price_cents, validate
 from .serde import OrderSerde
 from .settings import Settings
 from .store import (
@@ -81,7 +81,7 @@ from .store import (
     SourceBatch,
     Totals,
 )
-from .topics import describe_topics, known_end_offsets
+from .topics import describe_topics, existing_retry_topics, known_end_offsets
 from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
@@ -167,17 +167,18 @@ class Decider:
                           replay_of=replay_of(msg))
 
     def _retry(self, msg: Message, exc: OrderError, next_attempt: int, provenance: Provenance | None) -> OutMessage:
-        delay = backoff_ms(next_attempt - 1, self._settings.retry_backoff_ms, self._settings.retry_backoff_multiplier)
+        delay = self._settings.retry_delay_ms(next_attempt - 1)
+        topic = self._settings.retry_topic_for(next_attempt - 1)
         origin = self._origin(msg, provenance)
         headers = retry_headers(origin, parked_from=coordinates(msg), attempt=next_attempt,
                                 due_at_ms=now_ms() + delay, error_type=exc.error_type, error_message=str(exc))
-        if not oversize.fits(self._settings, msg.key(), msg.value(), headers, topic=self._settings.retry_topic):
+        if not oversize.fits(self._settings, msg.key(), msg.value(), headers, topic=topic):
             return self.dead_letter(msg, exc, next_attempt - 1, provenance)  # it could never be retried
         if log.isEnabledFor(logging.DEBUG):  # one per retried order: the progress line counts them
             log.debug("retry scheduled topic=%s partition=%d offset=%d key=%s attempt=%d delay_ms=%d error=%s",
                       msg.topic(), msg.partition(), msg.offset(), message_key(msg), next_attempt, delay,
                       exc.error_type)
-        return OutMessage(source_of(msg), self._settings.retry_topic, msg.key(), msg.value(),
+        return OutMessage(source_of(msg), topic, msg.key(), msg.value(),
                           headers, RETRIED, decision_record(RETRIED, next_attempt, exc), exc.error_type)
 
     def dead_letter(self, msg: Message, exc: OrderError, attempts: int,
@@ -264,7 +265,7 @@ class BatchWorker:
 
     name = "worker"
     role = "consumer"  # or "retry": shown by `orders status`
-    subscription: str | None = None  # a topic: own what the consumer group assigns of it
+    subscription: list[str] | None = None  # topics: own what the consumer group assigns of them
 
     def __init__(self, settings: Settings, *, consumer: Consumer, producer: Producer, admin: AdminClient,
                  store: AggregateStore, serde: OrderSerde, stop: Callable[[], bool], manager: str = "none"):
@@ -356,15 +357,22 @@ class BatchWorker:
     def start(self) -> None:
         wait_for(lambda: self._init_transactions(), "kafka transactions", should_stop=self.stop)
         if self.subscription is not None:
-            # State is loaded per partition as the group assigns it (_on_assign).
-            self.consumer.subscribe([self.subscription], on_assign=self._on_assign,
-                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
-            log.info("joined the consumer group worker=%s topic=%s", self.name, self.subscription)
+            self.subscribe(self.subscription)
             return
         sources = self.sources
         wait_for(lambda: self._load_state(sources), "kafka and redis", should_stop=self.stop)
         self._log_start(sources)
         self._assign()
+
+    def subscribe(self, topics: list[str]) -> None:
+        """Join (or change what we ask of) the consumer group; state is loaded per partition
+        as the group assigns it (_on_assign)."""
+        self.subscription = topics
+        if not topics:  # RETRY_MAX=0: no retry topic (librdkafka refuses an empty subscription)
+            log.info("nothing to consume yet worker=%s", self.name)
+            return
+        self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("joined the consumer group worker=%s topics=%s", self.name, ",".join(topics))
 
     def _log_start(self, sources: Sequence[Source]) -> None:
         for source in sources:
@@ -470,7 +478,11 @@ class BatchWorker:
 
     def _describe_topics(self, sources: Sequence[Source]) -> dict[Source, int]:
         """Learn the topics' ids (and tie Redis's state to them); returns each source's end offset."""
-        names = [self.settings.orders_topic, self.settings.retry_topic, self.settings.dlq_topic]
+        # Every retry topic, not only today's levels: a source's state is tied to all the topics
+        # it may have published to (store.ensure_identity).
+        names = [self.settings.orders_topic, *existing_retry_topics(self.admin, self.settings),
+                 self.settings.dlq_topic]
+        names += sorted({s.topic for s in sources} - set(names))
         described = describe_topics(self.admin, names, timeout=10)
         found = known_end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in sources])
         ends = dict(zip(sources, found, strict=True))
@@ -480,7 +492,8 @@ class BatchWorker:
         return ends
 
     def _ensure_identity(self, force: bool) -> None:
-        status, stored = self.store.ensure_identity(self.topic_ids, partitions=self._partitions, force=force)
+        status, stored = self.store.ensure_identity(self.topic_ids, partitions=self._partitions, force=force,
+                                                    claims=(self.settings.orders_topic, self.settings.dlq_topic))
         if status == RESET and not force:
             log.warning("state belongs to another incarnation of the topics worker=%s stored_ids=%s "
                         "current_ids=%s action=rebuild_all", self.name,

@@ -27,7 +27,7 @@ from .envelope import header_dict, parked_from
 from .errors import ServiceUnavailable
 from .settings import Settings
 from .store import DEAD, RETRIED, Source
-from .topics import known_end_offsets
+from .topics import existing_retry_topics, known_end_offsets
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def published_decisions(make_consumer: Callable[[], Consumer], admin: AdminClien
     consumer = make_consumer()
     read = 0
     try:
-        for topic, kind in ((settings.retry_topic, RETRIED), (settings.dlq_topic, DEAD)):
+        retry_topics = existing_retry_topics(admin, settings)  # every delay level, old ones too
+        for topic, kind in [*((t, RETRIED) for t in retry_topics), (settings.dlq_topic, DEAD)]:
             for msg in _read_to_end(consumer, admin, topic):
                 read += 1
                 origin = parked_from(header_dict(msg.headers()), settings.orders_topic)

@@ -231,15 +231,19 @@ class PoolCollector(Collector):
         return newest
 
     def _retry(self, data: dict) -> Iterator[Metric]:
-        r = data["retry"]
-        yield _gauge("orders_retry_backlog_offsets",
-                     "Offsets of the retry topic not yet handled (an upper bound: transaction markers take offsets)",
-                     r["backlog"])
-        yield _gauge("orders_retry_waiting_messages", "Retries held by the retry workers until they are due",
-                     r["waiting"] or 0)
-        yield _gauge("orders_retry_next_due_timestamp_seconds",
-                     "When the next waiting retry is due (Unix time; +Inf: none is waiting)",
-                     r["next_due_ms"] / 1000 if r["next_due_ms"] else math.inf)
+        # Per retry topic (delay level): a level of earlier backoff settings drains to 0.
+        backlog = GaugeMetricFamily("orders_retry_backlog_offsets", "Offsets of the retry topic not yet handled "
+                                    "(an upper bound: transaction markers take offsets)", labels=["topic"])
+        waiting = GaugeMetricFamily("orders_retry_waiting_messages",
+                                    "Retries held by the retry workers until they are due", labels=["topic"])
+        due = GaugeMetricFamily("orders_retry_next_due_timestamp_seconds",
+                                "When the next waiting retry is due (Unix time; +Inf: none is waiting)",
+                                labels=["topic"])
+        for level in data["retry"]["levels"]:
+            backlog.add_metric([level["topic"]], level["backlog"])
+            waiting.add_metric([level["topic"]], level["waiting"])
+            due.add_metric([level["topic"]], level["next_due_ms"] / 1000 if level["next_due_ms"] else math.inf)
+        yield from (backlog, waiting, due)
 
     def _dlq(self) -> Iterator[Metric]:
         counts = self.dlq.counts()

@@ -28,7 +28,7 @@ class PartitionWorker(BatchWorker):
         super().__init__(settings, **clients)
         self.name = name
         if partition is None:
-            self.subscription = settings.orders_topic
+            self.subscription = [settings.orders_topic]
         else:
             self.sources = [Source(settings.orders_topic, partition)]
 

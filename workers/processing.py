@@ -87,10 +87,3 @@ class Downstream:
         """Raises DownstreamUnavailable when this attempt fails (a replay's attempts are new draws)."""
         if self._threshold and _fails(order["orderId"], attempt, self._threshold, replay_of):
             raise DownstreamUnavailable(f"downstream refused order (injected failure, attempt {attempt})")
-
-
-def backoff_ms(retry_number: int, base_ms: int, multiplier: float) -> int:
-    """Delay before retry ``retry_number`` (1-based): base * multiplier**(n-1)."""
-    if retry_number < 1:
-        raise ValueError("retry_number starts at 1")
-    return int(base_ms * multiplier ** (retry_number - 1))

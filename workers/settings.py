@@ -68,6 +68,13 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+def backoff_ms(retry_number: int, base_ms: int, multiplier: float) -> int:
+    """Delay before retry ``retry_number`` (1-based): base * multiplier**(n-1)."""
+    if retry_number < 1:
+        raise ValueError("retry_number starts at 1")
+    return int(base_ms * multiplier ** (retry_number - 1))
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -168,6 +175,9 @@ class Settings:
              "REDIS_PREFIX must be non-empty, without { or }"),
             (len({self.orders_topic, self.retry_topic, self.dlq_topic}) == 3,
              "ORDERS_TOPIC, RETRY_TOPIC and DLQ_TOPIC must differ"),
+            # The retry worker drains every topic of RETRY_TOPIC's family (workers/topics.py).
+            (not self.is_retry_topic(self.orders_topic) and not self.is_retry_topic(self.dlq_topic),
+             "ORDERS_TOPIC and DLQ_TOPIC must not be named like a retry topic (RETRY_TOPIC-<n>ms)"),
             (self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
              "LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR"),
         ]
@@ -178,6 +188,28 @@ class Settings:
     @property
     def max_attempts(self) -> int:
         return self.max_retries + 1
+
+    def retry_delay_ms(self, retry_number: int) -> int:
+        """The backoff before retry ``retry_number`` (1-based)."""
+        return backoff_ms(retry_number, self.retry_backoff_ms, self.retry_backoff_multiplier)
+
+    def retry_topic_for(self, retry_number: int) -> str:
+        """The topic of retry ``retry_number``: one topic per delay, so each is in due-time order."""
+        return f"{self.retry_topic}-{self.retry_delay_ms(retry_number)}ms"
+
+    @property
+    def retry_topics(self) -> list[str]:
+        """The delay levels' topics these settings retry through, shortest delay first."""
+        return list(dict.fromkeys(self.retry_topic_for(n) for n in range(1, self.max_retries + 1)))
+
+    def is_pool_topic(self, name: str) -> bool:
+        """Whether ``name`` is one of the pool's topics: orders, any retry topic, the DLQ."""
+        return name in (self.orders_topic, self.dlq_topic) or self.is_retry_topic(name)
+
+    def is_retry_topic(self, name: str) -> bool:
+        """Whether ``name`` is of RETRY_TOPIC's family: a delay level's topic under any backoff
+        settings, or RETRY_TOPIC itself (the single retry topic of earlier versions)."""
+        return name == self.retry_topic or re.fullmatch(re.escape(self.retry_topic) + r"-[0-9]+ms", name) is not None
 
     def group_id(self, role: str) -> str:
         return f"{self.group_prefix}-{role}"

@@ -11,13 +11,15 @@ from .errors import ServiceUnavailable
 from .latency import merge
 from .settings import Settings
 from .store import AggregateStore, Source
-from .topics import end_offsets
+from .topics import end_offsets, retry_delay_of, retry_family
 
 ALIVE_WITHIN_MS = 10_000  # workers refresh their heartbeat every 2 s
 
 
-def _partition_counts(admin: AdminClient, configured: dict[str, int]) -> dict[str, int]:
-    """Each topic's partitions as Kafka has them (more may have been added); as configured if missing.
+def _partition_counts(admin: AdminClient, settings: Settings) -> dict[str, int]:
+    """The orders topic's and each retry topic's partitions as Kafka has them (more may have been
+    added); as configured for a topic not created yet. The retry topics are today's delay levels
+    and every other of the family that exists (levels of earlier settings still being drained).
 
     One metadata request for all the topics (``orders metrics`` reads this at every scrape).
     """
@@ -26,6 +28,8 @@ def _partition_counts(admin: AdminClient, configured: dict[str, int]) -> dict[st
         topics = admin.list_topics(timeout=5).topics
     except KafkaException as exc:
         raise ServiceUnavailable(f"kafka: {exc.args[0].str()}") from exc
+    configured = {settings.orders_topic: settings.partitions,
+                  **{t: settings.retry_partitions for t in retry_family(settings, topics)}}
     counts = {}
     for topic, default in configured.items():
         meta = topics.get(topic)
@@ -52,15 +56,14 @@ class StatusReader:
         s = self.settings
         now = time.monotonic()
         if self._counts is None or now - self._counts[0] >= self.metadata_max_age_s:
-            self._counts = (now, _partition_counts(self.admin, {s.orders_topic: s.partitions,
-                                                                s.retry_topic: s.retry_partitions}))
+            self._counts = (now, _partition_counts(self.admin, s))
         return self._counts[1]
 
     def snapshot(self) -> dict:
         s = self.settings
         counts = self._partition_counts()
         order_sources = [Source(s.orders_topic, p) for p in range(counts[s.orders_topic])]
-        retry_sources = [Source(s.retry_topic, p) for p in range(counts[s.retry_topic])]
+        retry_sources = [Source(t, p) for t, n in counts.items() if t != s.orders_topic for p in range(n)]
         snap = self.store.snapshot(len(order_sources), order_sources + retry_sources, self.store.worker_names())
         # After Redis: an end read later than the position it is compared with, so a lag is never negative.
         ends = end_offsets(self.admin, [TopicPartition(src.topic, src.partition)
@@ -97,8 +100,8 @@ class StatusReader:
                 "lag": (end - (position or 0)) if end is not None else None,
             })
         retry_beats = [live[name] for name in sorted({n for src in retry_sources for n in owners.get(str(src), [])})]
-        retry_backlog = sum(max(0, (end or 0) - (snap["sources"][src].get("offset") or 0))
-                            for src, end in zip(retry_sources, retry_ends, strict=True))
+        levels = _retry_levels(s, retry_sources, retry_ends, snap["sources"], retry_beats)
+        retry_backlog = sum(level["backlog"] for level in levels)
         dues = [b["next_due_ms"] for b in retry_beats if b.get("next_due_ms")]
         retry_workers = [b for n, b in live.items() if b.get("role") == "retry"]
         total = snap["total"]
@@ -118,6 +121,7 @@ class StatusReader:
                 "next_due_ms": min(dues) if dues else None,
                 # handled - due of every retry the live retry workers handled since they started
                 "lateness": merge(b["lateness"] for b in retry_workers if "lateness" in b),
+                "levels": levels,
             },
             "workers": {name: {"host": b.get("host"), "pid": b.get("pid"), "role": b.get("role"),
                                "at_ms": b.get("at_ms"), "owns": sorted(b.get("positions", {}))}
@@ -162,6 +166,29 @@ class StatusReader:
         if grown > 0:
             alerts.append(f"the DLQ grew by {grown}")
         data["alerts"] = alerts
+
+
+def _retry_levels(settings: Settings, sources: list[Source], ends: list[int | None], states: dict[Source, dict],
+                  beats: list[dict]) -> list[dict]:
+    """Per retry topic (delay level): backlog, waiting retries and the next due time.
+
+    ``current`` is false for a level of other backoff settings (or the single retry
+    topic of earlier versions): nothing new goes there, and it drains to a backlog of 0.
+    """
+    waiting: dict[str, list] = {}
+    for beat in beats:
+        waiting.update(beat.get("waiting_by_source", {}))
+    levels: dict[str, dict] = {}
+    for src, end in zip(sources, ends, strict=True):
+        level = levels.setdefault(src.topic, {
+            "topic": src.topic, "delay_ms": retry_delay_of(src.topic) if retry_delay_of(src.topic) >= 0 else None,
+            "current": src.topic in settings.retry_topics, "backlog": 0, "waiting": 0, "next_due_ms": None})
+        level["backlog"] += max(0, (end or 0) - (states[src].get("offset") or 0))
+        count, due = waiting.get(str(src), (0, None))
+        level["waiting"] += count
+        if due is not None and (level["next_due_ms"] is None or due < level["next_due_ms"]):
+            level["next_due_ms"] = due
+    return list(levels.values())
 
 
 def _alive(beat: dict | None, now_ms: int) -> bool:
@@ -225,6 +252,11 @@ def render(data: dict, style=lambda text, **kw: text) -> list[str]:
                         fg=None if r["alive"] else "red"),
               f"         late p50={_num(late['p50_ms'])} ms  p99={_num(late['p99_ms'])} ms  "
               f"max={_num(late['max_ms'])} ms  (handled after due)"]
+    for level in r["levels"]:
+        when = "-" if level["next_due_ms"] is None else f"in {max(0, level['next_due_ms'] - data['at_ms']) / 1000:.1f}s"
+        note = "" if level["current"] else "  (not in use: draining)"
+        lines.append(f"         {level['topic']:<28} backlog<={level['backlog']:<7} waiting={level['waiting']:<6} "
+                     f"next due {when}{note}")
     dlq_line = f"dlq      {data['dlq']['size']} dead letter(s)"
     lines.append(style(dlq_line, fg="yellow") if data["dlq"]["grew"] else dlq_line)
     for alert in data["alerts"]:

@@ -1,6 +1,6 @@
 """The aggregate store: order counts and sums in Redis, in one slot per source.
 
-A *source* is one partition of ``orders`` or of ``orders-retry``. Everything the
+A *source* is one partition of ``orders`` or of a retry topic (``orders-retry-<delay>ms``). Everything the
 exactly-once protocol keeps for a source lives under a hash tag of its own,
 ``{<prefix>:<topic>:<partition>}``, so a Redis Cluster spreads the sources over
 its nodes, and every Lua script below touches the keys of one slot only:
@@ -13,7 +13,7 @@ its nodes, and every Lua script below touches the keys of one slot only:
     {P:T:N}:parked     zset: the decision records of parked offsets, until K passes them
     {P:T:N}:replayed   hash: orderId -> offset, for each replayed order counted here
     {P:replay:I:ID}    string: the claim on replayed orderId ID, "topic:partition:offset"
-                       of the copy that counts (I: the topics' incarnation)
+                       of the copy that counts (I: the orders and DLQ topics' incarnation)
     {P}:sources        set: every source that may hold state ("topic:partition")
     {P}:worker:NAME, {P}:schemas, {P}:replays   heartbeats, writer schema copies, replay records
     {P}:counters:HOST  hash: "<name>:<worker or program>" -> count, what a host's processes
@@ -55,8 +55,9 @@ three when a claim moves).
 
 **Tied to the topics it counts.** Each source's hash holds the ids of the topics
 (``identity``), checked per source in one script that deletes the source's state
-when they differ (or when forced), so state of another incarnation of the
-topics is never mixed into the sums. Claims are named by that incarnation.
+when a topic it names has another id now (or when forced), so state of another
+incarnation of the topics is never mixed into the sums. A retry level created
+since (new backoff settings) only joins the identity. Claims are named by that incarnation.
 Sums are integer cents, so the average never drifts.
 """
 from __future__ import annotations
@@ -174,18 +175,39 @@ return {1, counted, stored}
 """
 
 # KEYS: source, parked records, replayed orders (one slot). ARGV: the current
-# identity (which incarnation of the topics the state counts), force ('1' or '0').
-# On a different stored identity (or force) deletes the source's state and
-# stores the current identity, atomically, so that two workers that both notice
-# reset it once; a source without an identity adopts the current one.
-# Returns {status, stored identity}: 0 adopted, 1 same, 2 reset.
+# identity (a JSON object: topic name -> topic id, every topic the worker knows),
+# force ('1' or '0'). The state belongs to another incarnation of the topics if a
+# topic named both in the stored identity and in the current one has another id
+# there: then (or when forced) the source's state is deleted and the current
+# identity stored, atomically, so that two workers that both notice reset it once.
+# A topic new to the stored identity (a retry delay level created since) is added
+# to it; one the worker does not know (a level of other backoff settings, on a host
+# not yet restarted with them) is kept: neither is a reset, so hosts whose retry
+# levels differ never reset each other's state. A source without an identity
+# adopts the current one. Returns {status, stored identity}: 0 adopted, 1 same, 2 reset.
 _IDENTITY = """
 local stored = redis.call('HGET', KEYS[1], 'identity')
 if ARGV[2] == '0' then
-  if stored == ARGV[1] then return {1, stored} end
   if not stored then
     redis.call('HSET', KEYS[1], 'identity', ARGV[1])
     return {0, ''}
+  end
+  if stored == ARGV[1] then return {1, stored} end
+  local ok, known = pcall(cjson.decode, stored)
+  if ok and type(known) == 'table' then
+    local same, grown = true, false
+    for name, id in pairs(cjson.decode(ARGV[1])) do
+      if known[name] == nil then
+        known[name] = id
+        grown = true
+      elseif known[name] ~= id then
+        same = false
+      end
+    end
+    if same then
+      if grown then redis.call('HSET', KEYS[1], 'identity', cjson.encode(known)) end
+      return {1, stored}
+    end
   end
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
@@ -614,7 +636,7 @@ class AggregateStore:
         return {source: (int(r) if r is not None else None) for source, r in zip(sources, stored, strict=True)}
 
     def ensure_identity(self, identity: dict[str, str], *, partitions: dict[str, int],
-                        force: bool = False) -> tuple[int, dict[str, str]]:
+                        force: bool = False, claims: Sequence[str] = ()) -> tuple[int, dict[str, str]]:
         """Tie every source's state to ``identity`` (topic name -> topic id); returns (status, stored identity).
 
         Status ADOPTED, SAME or RESET (any source reset). A source of another
@@ -622,8 +644,12 @@ class AggregateStore:
         deleted: the counts of a topic that no longer exists must not stay in the
         global figures. ``partitions`` (topic -> partition count) names the pool's
         sources, which are registered here; registered sources are checked too.
+        ``claims`` names the topics whose ids name the replay claims (default: all):
+        the orders and dead-letter topics, not the retry levels, which come and go
+        with the backoff settings.
         """
         current = json.dumps(dict(sorted(identity.items())))
+        named = {k: v for k, v in sorted(identity.items()) if not claims or k in claims}
         pool = [Source(topic, p) for topic, count in partitions.items() for p in range(count)]
         with self._outage():
             registered = self._note_registry(self._run([("SMEMBERS", self.sources_key)])[0])
@@ -634,7 +660,7 @@ class AggregateStore:
                 commands.append(("SADD", self.sources_key, *map(str, pool)))
             replies = self._run(commands)[:len(sources)]
         self._identity = current
-        self._incarnation = hashlib.sha1(current.encode()).hexdigest()[:16]
+        self._incarnation = hashlib.sha1(json.dumps(named).encode()).hexdigest()[:16]
         statuses = [int(status) for status, _ in replies]
         if RESET in statuses:
             stored = next(s for status, s in replies if int(status) == RESET)

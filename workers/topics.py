@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 from confluent_kafka import KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec, TopicDescription
@@ -106,12 +107,35 @@ def describe_topics(admin: AdminClient, topics: Sequence[str], timeout: float = 
 
 
 def wanted_topics(settings: Settings) -> dict[str, int]:
-    """Topic name -> partition count this configuration needs."""
+    """Topic name -> partition count this configuration needs: one retry topic per delay level."""
     return {
         settings.orders_topic: settings.partitions,
-        settings.retry_topic: settings.retry_partitions,
+        **{topic: settings.retry_partitions for topic in settings.retry_topics},
         settings.dlq_topic: 1,
     }
+
+
+def retry_family(settings: Settings, existing: Iterable[str]) -> list[str]:
+    """The retry topics to drain: today's levels and every other topic of RETRY_TOPIC's family
+    in ``existing`` (levels of earlier backoff settings, the single retry topic of earlier
+    versions), shortest delay first. Nothing is orphaned: a retry worker consumes them all."""
+    family = set(settings.retry_topics) | {name for name in existing if settings.is_retry_topic(name)}
+    return sorted(family, key=lambda name: (retry_delay_of(name), name))
+
+
+def retry_delay_of(name: str) -> int:
+    """The delay a retry topic's name gives (``orders-retry-200ms``: 200); -1 for the single retry topic."""
+    match = _LEVEL.search(name)
+    return int(match.group(1)) if match else -1
+
+
+_LEVEL = re.compile(r"-([0-9]+)ms$")
+
+
+def existing_retry_topics(admin: AdminClient, settings: Settings) -> list[str]:
+    """The retry family's topics that exist now (one metadata request); raises ServiceUnavailable."""
+    existing = partition_counts(admin)
+    return [name for name in retry_family(settings, existing) if name in existing]
 
 
 def partition_counts(admin: AdminClient) -> dict[str, int]:

@@ -61,8 +61,7 @@ def pool(env, tmp_path):
 
 def cleanup(s) -> None:
     admin = make_admin(s)
-    topics = [t for t in (s.orders_topic, s.retry_topic, s.dlq_topic)
-              if t in admin.list_topics(timeout=10).topics]
+    topics = [t for t in admin.list_topics(timeout=10).topics if s.is_pool_topic(t)]
     if topics:
         for future in admin.delete_topics(topics, operation_timeout=30).values():
             try:

@@ -50,6 +50,7 @@ from ..pool import (
     SupervisedPool,
     Truth,
     check_invariants,
+    read_retries,
     read_topic,
     run_orders,
     stack,
@@ -145,7 +146,7 @@ def consumed_ends(settings: Settings) -> dict[str, dict[Source, int]]:
     finally:
         reader.close()
     retry: dict[Source, int] = {}
-    for msg in read_topic(settings.bootstrap_servers, settings.retry_topic):
+    for msg in read_retries(settings):
         source = Source(msg.topic(), msg.partition())
         retry[source] = max(retry.get(source, 0), msg.offset() + 1)  # the retry topic has markers
     ends = {settings.group_id("workers"): orders}

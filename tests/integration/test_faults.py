@@ -180,11 +180,14 @@ def test_pool_started_on_empty_redis_with_full_topics(env, tmp_path):
 def test_producer_crash_loses_nothing_it_reported(env, pool, tmp_path):
     settings = Settings.from_env(env)
     load = start_load(env, tmp_path, count=LOAD * 2)
-    time.sleep(5)
+    record = tmp_path / "delivered.jsonl"
+    # Killed mid-run, once it has reported deliveries (a condition, not a sleep: on a loaded
+    # machine its topic bootstrap alone took more than the 5 s this test used to wait).
+    wait_until(lambda: load.poll() is None and record.exists() and record.read_text().count("\n") > 1000,
+               "the load producer reported 1,000 deliveries", timeout=120, interval=0.2)
     load.send_signal(signal.SIGKILL)
     load.wait(10)
-    reported = [json.loads(line) for line in (tmp_path / "delivered.jsonl").read_text().splitlines()
-                if line.endswith("}")]
+    reported = [json.loads(line) for line in record.read_text().splitlines() if line.endswith("}")]
     assert len(reported) > 1000
     finish_load(start_load(env, tmp_path, count=LOAD // 2, rate=0), tmp_path)  # the pool goes on with new orders
     truth = check_invariants(env, settings)

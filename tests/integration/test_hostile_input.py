@@ -35,7 +35,7 @@ from workers.settings import Settings
 from workers.topics import ensure_topics
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, read_topic, run_orders, wait_until_quiet
+from ..pool import ORDERS, read_retries, read_topic, run_orders, wait_until_quiet
 from .conftest import cleanup
 
 BIG_VALUE_BYTES = 1_000_000   # fits the broker's default message.max.bytes (1048588) with framing
@@ -59,6 +59,8 @@ class Workers:
         # The name each logs as: a pinned worker its partition, the retry worker its group membership.
         self.names = {role: role for role in self.roles}
         self.names["retry"] = Settings.from_env(env).member("retry", 0)
+        # What each logs once it consumes (a sync point for start, not an assertion).
+        self.ready = {role: f"start worker={name} " for role, name in self.names.items()}
         self.procs: dict[str, subprocess.Popen] = {}
 
     def log_path(self, role: str) -> Path:
@@ -81,7 +83,7 @@ class Workers:
             for role in list(pending):
                 if self.procs[role].poll() is not None:
                     raise AssertionError(f"{role} exited with {self.procs[role].returncode}:\n{self.logs()}")
-                if f"start worker={self.names[role]} " in self.log(role):
+                if self.ready[role] in self.log(role):
                     pending.discard(role)
             time.sleep(0.2)
         if pending:
@@ -329,7 +331,7 @@ def test_hostile_values_are_dead_lettered_once_and_good_orders_counted(hostile_e
         assert msg.value() == case.value, case.name
         assert msg.key() == case.key, case.name
     # Nothing permanent was sent for a retry.
-    assert read_topic(settings.bootstrap_servers, settings.retry_topic) == []
+    assert read_retries(settings) == []
 
     # No worker crashed or restarted; all of them still shut down cleanly.
     workers.assert_alive_and_clean()

@@ -36,13 +36,13 @@ def test_the_ledger_reads_past_another_producers_open_transaction():
         zombie = make_producer(settings, transactional_id=settings.transactional_id("ledger-zombie"))
         zombie.init_transactions()
         zombie.begin_transaction()
-        zombie.produce(settings.retry_topic, key=b"open", value=b"x", partition=0)
+        zombie.produce(settings.retry_topics[0], key=b"open", value=b"x", partition=0)
         assert zombie.flush(30) == 0
         # Another worker parks offset 5 of the source and commits, with its K, after it.
         worker = make_producer(settings, transactional_id=settings.transactional_id("ledger-worker"))
         worker.init_transactions()
         worker.begin_transaction()
-        worker.produce(settings.retry_topic, key=b"parked", value=b"y", partition=0,
+        worker.produce(settings.retry_topics[0], key=b"parked", value=b"y", partition=0,
                        headers=[(PARKED_FROM, f"{source}:5".encode())])
         worker.commit_transaction(30)
         # The zombie's transaction ends (fenced, or timed out by the broker) while the ledger reads.

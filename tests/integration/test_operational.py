@@ -1,19 +1,25 @@
 """Start-up ordering and liveness: wait for servers with backoff, fail fast on what cannot heal."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Producer
 
+from workers.clients import make_consumer, make_registry
+from workers.dlq import read_dead_letters
+from workers.serde import OrderSerde, load_schema
 from workers.settings import Settings
 
 from ..conftest import isolated_env
-from ..pool import ORDERS, dead_letters, run_orders, stats
+from ..pool import ORDERS, dead_letters, run_orders, stats, wait_until
 from .conftest import cleanup
 
 pytestmark = pytest.mark.timeout(180)
@@ -125,3 +131,90 @@ def test_partition_the_topic_does_not_have_is_refused(env):
     result = run_orders(env, "consume", "--partition", "7", check=False, timeout=60)
     assert result.returncode == 2
     assert "partitions 0..2, not 7" in result.stderr
+
+
+class LateProxy:
+    """A TCP forwarder to Kafka's bootstrap address on 127.0.0.1:``port``, listening only once started:
+    until then a client that bootstraps through it finds Kafka down."""
+
+    def __init__(self, port: int, target: str):
+        host, _, target_port = target.rpartition(":")
+        self.port, self.target = port, (host, int(target_port))
+        self.server: socket.socket | None = None
+
+    def start(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.server is not None
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def test_dlq_follower_waits_for_kafka_instead_of_exiting(env):
+    """`orders dlq --follow` is a long-running program: Kafka not answering when it reads the
+    end offsets (a broker restarting, a partition's leader still being elected just after
+    `orders init`) is waited for, as the workers do. It exited with 1 instead, and honcho then
+    stopped the whole pool (a run of test_pipeline's honcho test saw it)."""
+    settings = Settings.from_env(env)
+    run_orders(env, "init")
+    port = free_port()
+    proxy = LateProxy(port, settings.bootstrap_servers)
+    late = dataclasses.replace(settings, bootstrap_servers=f"127.0.0.1:{port}")
+    consumer = make_consumer(late, late.group_id("dlq-viewer"))
+    letters: list = []
+    errors: list[BaseException] = []
+    waits = threading.Event()  # the reader asked whether to stop: it met Kafka down and is waiting
+    done = threading.Event()
+
+    def should_stop() -> bool:
+        waits.set()
+        return done.is_set()
+
+    def follow() -> None:
+        try:
+            for letter in read_dead_letters(consumer, settings.dlq_topic, OrderSerde(make_registry(settings),
+                                             load_schema(settings.schema_path)), follow=True, stop=should_stop):
+                letters.append(letter)
+        except BaseException as exc:  # noqa: BLE001  (the assertion below shows it)
+            errors.append(exc)
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: errors or waits.is_set(), "the reader met Kafka down", timeout=60)
+        assert not errors, f"the follower ended: {errors[0]!r}"
+        proxy.start()
+        producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+        producer.produce(settings.dlq_topic, key=b"late", value=b"not an order")
+        assert producer.flush(30) == 0
+        wait_until(lambda: letters or errors, "the follower prints the dead letter", timeout=60)
+        assert not errors, f"the follower ended: {errors[0]!r}"
+        assert [letter.key for letter in letters] == [b"late"]
+    finally:
+        done.set()
+        reader.join(30)
+        consumer.close()
+        proxy.close()

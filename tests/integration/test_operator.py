@@ -22,9 +22,11 @@ from ..pool import (
     SupervisedPool,
     Truth,
     dead_letters,
+    read_retries,
     read_topic,
     run_orders,
     stats,
+    status_json,
     wait_until,
     wait_until_quiet,
 )
@@ -39,10 +41,6 @@ def env():
                        PRODUCE_RATE="0.001")
     yield env
     cleanup(Settings.from_env(env))
-
-
-def status_json(env: dict) -> dict:
-    return json.loads(run_orders(env, "status", "--json", "--interval", "0.5").stdout)
 
 
 def test_status_dlq_summary_and_replay(env, tmp_path):
@@ -64,12 +62,16 @@ def test_status_dlq_summary_and_replay(env, tmp_path):
         assert owners <= {settings.member("consumer", slot) for slot in range(3)}  # the group spread them
         assert status["dlq"]["size"] == len(truth.expected_dead)
         assert status["global"]["count"] == truth.count
+        # One line per delay level (issue 14), each with its backlog and waiting retries.
+        assert [level["topic"] for level in status["retry"]["levels"]] == settings.retry_topics
+        assert all(level["current"] and level["waiting"] == 0 for level in status["retry"]["levels"])
+        assert sum(level["backlog"] for level in status["retry"]["levels"]) == status["retry"]["backlog"]
         for part in status["partitions"]:
             assert part["alive"] and part["lag"] == 0
             assert part["count"] == truth.count_by_partition.get(part["partition"], 0)
         assert status["alerts"] == []
         # Every retry was handled once and measured: how late, never early (lateness >= 0).
-        retried = len(read_topic(settings.bootstrap_servers, settings.retry_topic))
+        retried = len(read_retries(settings))
         late = wait_until(lambda: (r := status_json(env)["retry"]["lateness"])["count"] == retried and r,
                           "the retry worker's heartbeat has every retry's lateness", timeout=30)
         assert retried > 0 and late["p99_ms"] >= late["p50_ms"] >= 0 and late["max_ms"] >= 0

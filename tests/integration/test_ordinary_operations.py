@@ -20,7 +20,18 @@ from workers.settings import Settings
 from workers.store import AggregateStore, Source, target_field
 
 from ..conftest import isolated_env
-from ..pool import SupervisedPool, check_exact, check_invariants, read_topic, run_orders, stack, stats, wait_until
+from ..pool import (
+    LogTruth,
+    SupervisedPool,
+    check_exact,
+    check_invariants,
+    read_retries,
+    run_orders,
+    stack,
+    stats,
+    status_json,
+    wait_until,
+)
 from .conftest import cleanup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -72,9 +83,9 @@ def store_of(settings: Settings) -> AggregateStore:
 
 
 def recreate_topics(env: dict, settings: Settings) -> None:
-    """Delete the three topics, wait until Kafka has forgotten them, create them again."""
+    """Delete the pool's topics, wait until Kafka has forgotten them, create them again."""
     admin = make_admin(settings)
-    names = [settings.orders_topic, settings.retry_topic, settings.dlq_topic]
+    names = [t for t in admin.list_topics(timeout=10).topics if settings.is_pool_topic(t)]
     for future in admin.delete_topics(names, operation_timeout=30).values():
         future.result()
     wait_until(lambda: not set(names) & set(admin.list_topics(timeout=10).topics), "topics deleted", timeout=60)
@@ -129,7 +140,7 @@ def test_rebuild_under_other_settings_keeps_every_decision(env, pools, first_rat
     truth = check_exact(env, settings)
     assert truth.total == 2000
     assert set(first.dead_origins) <= set(truth.dead_origins)
-    retried = read_topic(settings.bootstrap_servers, settings.retry_topic)
+    retried = read_retries(settings)
     if first_rate != "0":
         assert retried, "the first run should have retried orders"
 
@@ -214,3 +225,25 @@ def test_offsets_expired_by_the_broker(env, pools, short_offsets_retention):
     pools.start(env)
     produce(env, 500, seed=9)
     check_invariants(env, settings)
+
+
+def test_backoff_changed_while_retries_wait(env, pools):
+    """Issue 14: RETRY_BACKOFF_MS changes between runs while retries wait in the old delay levels'
+    topics. The pool drains those too (none is orphaned), exactly once, and `orders status` shows
+    them as levels no longer in use, next to today's."""
+    slow = {**env, "RETRY_BACKOFF_MS": "5000"}
+    fast = {**env, "RETRY_BACKOFF_MS": "200"}
+    old, new = Settings.from_env(slow), Settings.from_env(fast)
+    assert not set(old.retry_topics) & set(new.retry_topics)
+    pools.start(slow)
+    produce(slow, 600, seed=7)
+    wait_until(lambda: read_retries(old), "retries wait in the 5 s levels")
+    pools.stop()
+    expected = LogTruth(old)
+    assert stats(slow)["count"] < expected.count, "some retries should still have been waiting at the stop"
+    pools.start(fast)
+    truth = check_exact(fast, new)  # every order counted or dead-lettered once: none left in the old levels
+    assert truth.total == 600
+    levels = {level["topic"]: level for level in status_json(fast)["retry"]["levels"]}
+    assert set(old.retry_topics) | set(new.retry_topics) <= set(levels)
+    assert [t for t, level in levels.items() if level["current"]] == new.retry_topics

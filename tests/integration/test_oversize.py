@@ -29,7 +29,7 @@ from workers.settings import Settings
 from workers.topics import ensure_topics
 
 from ..conftest import isolated_env
-from ..pool import read_topic, run_orders, wait_until, wait_until_quiet
+from ..pool import read_retries, read_topic, run_orders, wait_until, wait_until_quiet
 from .conftest import cleanup
 from .test_hostile_input import Workers, delete_subjects
 
@@ -144,7 +144,7 @@ def test_a_value_too_large_to_forward_is_dead_lettered_as_a_reference(oversize_e
         assert msg.value() is None
         assert int(h[oversize.VALUE_SIZE]) >= 12 * MiB
     # Only the 3 MiB order went through the retry topic, whole.
-    retried = read_topic(settings.bootstrap_servers, settings.retry_topic)
+    retried = read_retries(settings)
     assert [m.key().decode() for m in retried] == [mid_order["orderId"]]
     assert retried[0].value() == serde.encode(mid_order)
 

@@ -7,7 +7,6 @@ replay claim and the batch.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -41,7 +40,7 @@ from workers.store import (
 )
 
 from ..conftest import isolated_env
-from ..pool import SupervisedPool, check_exact, dead_letters, run_orders, stats, wait_until
+from ..pool import SupervisedPool, check_exact, dead_letters, run_orders, stats, status_json, wait_until
 from .conftest import cleanup
 from .test_operational import free_port
 
@@ -365,10 +364,6 @@ def pool_env(cluster):
     env["REDIS_PREFIX"] = spread_prefix(cluster, [Source(env["ORDERS_TOPIC"], p) for p in range(3)])
     yield env
     cleanup(Settings.from_env(env))
-
-
-def status_json(env: dict) -> dict:
-    return json.loads(run_orders(env, "status", "--json", "--interval", "0.5").stdout)
 
 
 @pytest.mark.timeout(600)

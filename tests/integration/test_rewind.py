@@ -23,7 +23,7 @@ from workers.settings import Settings
 from workers.store import AggregateStore, Source
 
 from ..conftest import isolated_env
-from ..pool import read_topic, run_orders
+from ..pool import read_retries, run_orders
 from .conftest import cleanup
 
 
@@ -66,7 +66,7 @@ def test_a_rewind_finds_state_wiped_since_the_last_batch():
 
         drive_to(worker, source, end)
         worker.shutdown()
-        parked = read_topic(settings.bootstrap_servers, settings.retry_topic)
+        parked = read_retries(settings)
     finally:
         cleanup(settings)
     # Every order parked exactly once: its first retry is on the retry topic.
@@ -137,7 +137,7 @@ def test_a_rebuild_stopped_below_k_leaves_k_where_it_was():
         last.start()
         drive_to(last, source, end)
         last.shutdown()
-        parked = read_topic(settings.bootstrap_servers, settings.retry_topic)
+        parked = read_retries(settings)
         counted = last.store.snapshot(1)["total"].count
     finally:
         cleanup(settings)

@@ -263,3 +263,28 @@ def test_clear_is_one_wipe_that_no_batch_straddles(store, settings):
     survivors = [source for source, offset in stored.items() if offset is not None]
     assert all(stored[source] == 1 for source in survivors)
     assert store.snapshot(0)["total"].count == len(survivors)
+
+
+def test_retry_levels_of_other_backoff_settings_never_reset_the_state(store):
+    """Issue 14: hosts whose backoff settings differ know different retry topics (one per delay
+    level). A level new to a source joins its identity, one a host does not know is kept: neither
+    resets anything, so a rolling change of RETRY_BACKOFF_MS never rebuilds the pool. A topic that
+    was deleted and created again (another id) is still another incarnation."""
+    base = {"orders": "id-o", "orders-dlq": "id-d", "orders-retry-1000ms": "id-1"}
+    more = {**base, "orders-retry-200ms": "id-2"}
+    level = Source("orders-retry-200ms", 0)
+    parts = {"orders": 2, "orders-retry-1000ms": 1}
+    claims = ("orders", "orders-dlq")
+    assert store.ensure_identity(base, partitions=parts, claims=claims)[0] == ADOPTED
+    claim_key = store.claim_key("order-1")
+    apply(store, SourceBatch(SRC, to_offset=2, known_offset=None, items=[(0, 0, 100, ""), (1, 1, 50, "")]))
+    assert store.ensure_identity(more, partitions={**parts, level.topic: 1}, claims=claims)[0] == SAME
+    apply(store, SourceBatch(level, to_offset=1, known_offset=None, items=[(0, 1, 25, "")]))
+    for _ in range(3):  # a rolling change: hosts with either settings start again, in turn
+        assert store.ensure_identity(base, partitions=parts, claims=claims)[0] == SAME
+        assert store.ensure_identity(more, partitions={**parts, level.topic: 1}, claims=claims)[0] == SAME
+    assert store.totals().count == 3 and store.totals().cents == 175
+    assert store.claim_key("order-1") == claim_key  # replay claims do not move with the levels
+    recreated = {**more, "orders-retry-200ms": "id-3"}
+    assert store.ensure_identity(recreated, partitions={**parts, level.topic: 1}, claims=claims)[0] == RESET
+    assert store.totals().count == 0  # every source named the old topic: all are rebuilt from the logs

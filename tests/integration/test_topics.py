@@ -17,10 +17,13 @@ from .conftest import cleanup
 def test_bootstrap_creates_topics_once(settings):
     admin = make_admin(settings)
     created = ensure_topics(admin, settings)
-    assert sorted(created) == sorted([settings.orders_topic, settings.retry_topic, settings.dlq_topic])
+    # One retry topic per delay level (the tests' base is 200 ms: 200, 400 and 800 ms).
+    delays = [settings.retry_delay_ms(n) for n in (1, 2, 3)]
+    assert settings.retry_topics == [f"{settings.retry_topic}-{ms}ms" for ms in delays] and len(set(delays)) == 3
+    assert sorted(created) == sorted([settings.orders_topic, *settings.retry_topics, settings.dlq_topic])
     counts = partition_counts(admin)
     assert counts[settings.orders_topic] == 3
-    assert counts[settings.retry_topic] == 3
+    assert all(counts[topic] == 3 for topic in settings.retry_topics)
     assert counts[settings.dlq_topic] == 1
     assert ensure_topics(admin, settings) == []  # idempotent: nothing new, nothing touched
 
@@ -31,14 +34,14 @@ def test_bootstrap_keeps_an_existing_topics_partition_count(settings):
     admin.create_topics([NewTopic(settings.orders_topic, num_partitions=5, replication_factor=1)])[
         settings.orders_topic].result()
     wait_until(lambda: settings.orders_topic in partition_counts(admin), "the topic is in the metadata")
-    assert sorted(ensure_topics(admin, settings)) == sorted([settings.retry_topic, settings.dlq_topic])
+    assert sorted(ensure_topics(admin, settings)) == sorted([*settings.retry_topics, settings.dlq_topic])
     # A created topic reaches the brokers' metadata a moment after CreateTopics returns.
     def created() -> dict[str, int] | None:
         counts = partition_counts(admin)
-        return counts if settings.retry_topic in counts else None
+        return counts if set(settings.retry_topics) <= set(counts) else None
 
     counts = wait_until(created, "the created topics are in the metadata")
-    assert counts[settings.orders_topic] == 5 and counts[settings.retry_topic] == settings.retry_partitions
+    assert counts[settings.orders_topic] == 5 and counts[settings.retry_topics[0]] == settings.retry_partitions
 
 
 def test_kafka_down_is_reported_as_unavailable(settings):
@@ -62,7 +65,7 @@ def test_end_offsets_after_a_broker_restart(settings):
     for _ in range(3):
         producer.produce(settings.orders_topic, value=b"x", partition=0)
     assert producer.flush(30) == 0
-    partitions = [TopicPartition(settings.orders_topic, 0), TopicPartition(settings.retry_topic, 1)]
+    partitions = [TopicPartition(settings.orders_topic, 0), TopicPartition(settings.retry_topics[0], 1)]
 
     def ends_known() -> list[int | None] | None:
         try:
@@ -98,7 +101,7 @@ def test_topics_are_created_while_the_broker_stops_and_starts(make_settings):
         stack("start", "kafka")
         for s in tried:
             created = wait_for(functools.partial(bootstrap, s), "kafka", deadline_s=60)
-            assert set(created) <= {s.orders_topic, s.retry_topic, s.dlq_topic}
+            assert set(created) <= {s.orders_topic, *s.retry_topics, s.dlq_topic}
         assert all(partition_counts(make_admin(s)).get(s.orders_topic) for s in tried)
     finally:
         stopping.wait(timeout=240)

@@ -170,7 +170,7 @@ def _cleanup(settings: Settings) -> None:
     try:
         admin = make_admin(settings)
         existing = admin.list_topics(timeout=10).topics
-        topics = [t for t in pool_topics(settings) if t in existing]
+        topics = pool_topics(settings, existing)
         for future in (admin.delete_topics(topics, operation_timeout=30).values() if topics else ()):
             try:
                 future.result()

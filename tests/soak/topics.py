@@ -1,18 +1,12 @@
-"""The topics a soak run's pool uses: the one place the soak names them.
-
-Issue 14 changes the retry topics' layout (one per delay level, named from
-RETRY_TOPIC and the backoff settings); only ``retry_topics`` needs to follow it.
-"""
+"""The topics a soak run's pool uses: the one place the soak names them."""
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from workers.settings import Settings
 
 
-def retry_topics(settings: Settings) -> list[str]:
-    """The retry topics of the pool's settings (today one, RETRY_TOPIC)."""
-    return [settings.retry_topic]
-
-
-def pool_topics(settings: Settings) -> list[str]:
-    """Every topic the pool creates: the orders, the retry topics, the dead letters."""
-    return [settings.orders_topic, *retry_topics(settings), settings.dlq_topic]
+def pool_topics(settings: Settings, existing: Iterable[str]) -> list[str]:
+    """Every topic of the pool among ``existing``: the orders, every retry level (one per
+    delay, of any backoff settings), the dead letters."""
+    return sorted(t for t in existing if settings.is_pool_topic(t))

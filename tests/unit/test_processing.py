@@ -3,7 +3,8 @@ import math
 import pytest
 
 from workers.errors import DownstreamUnavailable, InvalidOrder
-from workers.processing import Downstream, attempt_fails, backoff_ms, price_cents, validate
+from workers.processing import Downstream, attempt_fails, price_cents, validate
+from workers.settings import backoff_ms
 
 GOOD = {"orderId": "a-1", "product": "mouse", "price": 12.5}
 

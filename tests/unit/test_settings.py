@@ -3,7 +3,9 @@ from dataclasses import FrozenInstanceError
 import pytest
 
 from workers.errors import ConfigError
+from workers.retry_worker import longest_delay_ms
 from workers.settings import Settings, redact_url
+from workers.topics import retry_delay_of, retry_family
 
 
 def test_defaults_point_at_localhost():
@@ -13,6 +15,30 @@ def test_defaults_point_at_localhost():
     assert (s.orders_topic, s.retry_topic, s.dlq_topic) == ("orders", "orders-retry", "orders-dlq")
     assert s.partitions == 3
     assert s.max_attempts == 4
+
+
+def test_one_retry_topic_per_delay_level():
+    s = Settings.from_env({"RETRY_BACKOFF_MS": "200"})
+    assert s.retry_topics == ["orders-retry-200ms", "orders-retry-400ms", "orders-retry-800ms"]
+    assert [s.retry_topic_for(n) for n in (1, 2, 3)] == s.retry_topics
+    # Equal delays share a level; no retries, no retry topic.
+    assert Settings.from_env({"RETRY_BACKOFF_MULTIPLIER": "1"}).retry_topics == ["orders-retry-1000ms"]
+    assert Settings.from_env({"RETRY_MAX": "0"}).retry_topics == []
+    # The family: any backoff's levels and the single retry topic of earlier versions, nothing else.
+    for name in ("orders-retry", "orders-retry-5ms", "orders-retry-1000ms"):
+        assert s.is_retry_topic(name) and s.is_pool_topic(name)
+    for name in ("orders", "orders-dlq", "orders-retry-ms", "orders-retry-1000", "orders-retry-1000ms-x",
+                 "orders-retry-x-1000ms", "xorders-retry-1000ms"):
+        assert not s.is_retry_topic(name), name
+    assert s.is_pool_topic("orders") and s.is_pool_topic("orders-dlq") and not s.is_pool_topic("other")
+
+
+def test_retry_family_is_in_delay_order():
+    s = Settings.from_env({"RETRY_BACKOFF_MS": "200"})
+    existing = ["orders", "orders-retry-5000ms", "orders-retry", "orders-retry-400ms", "orders-dlq", "other-10ms"]
+    assert retry_family(s, existing) == ["orders-retry", "orders-retry-200ms", "orders-retry-400ms",
+                                         "orders-retry-800ms", "orders-retry-5000ms"]
+    assert retry_delay_of("orders-retry-5000ms") == 5000 and retry_delay_of("orders-retry") == -1
 
 
 def test_environment_overrides_and_types():
@@ -30,6 +56,7 @@ def test_bad_number_names_the_variable():
     ({"ORDERS_FAILURE_RATE": "1.5"}, "ORDERS_FAILURE_RATE"),
     ({"ORDERS_PARTITIONS": "0"}, "ORDERS_PARTITIONS"),
     ({"RETRY_TOPIC": "orders"}, "differ"),
+    ({"RETRY_TOPIC": "o", "ORDERS_TOPIC": "o-100ms"}, "named like a retry topic"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ({"REDIS_CLUSTER": "maybe"}, "REDIS_CLUSTER"),
     ({"REDIS_PREFIX": "a{b}"}, "REDIS_PREFIX"),
@@ -135,3 +162,12 @@ def test_every_librdkafka_secret_is_masked(name):
 def test_the_sensitive_list_is_librdkafkas():
     from workers.settings import LIBRDKAFKA_SENSITIVE as listed
     assert set(listed) == set(LIBRDKAFKA_SENSITIVE)
+
+
+def test_a_retry_may_be_due_as_far_ahead_as_its_own_level_says():
+    """A level of earlier, longer backoff settings is waited for as made, not dead-lettered as
+    'due too far ahead' under today's shorter ones."""
+    s = Settings.from_env({"RETRY_BACKOFF_MS": "200"})
+    assert longest_delay_ms(s, "orders-retry-600000ms") == 600_000
+    assert longest_delay_ms(s, "orders-retry-200ms") == 200
+    assert longest_delay_ms(s, "orders-retry") == 800  # the single topic of earlier versions: today's longest
