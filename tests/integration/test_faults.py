@@ -59,15 +59,18 @@ def test_workers_killed_repeatedly(env, pool, tmp_path):
     victims = list(WORKERS)
     rng = random.Random(5)
     kills = 0
-    deadline = time.monotonic() + 60
-    while kills < 12 and time.monotonic() < deadline:
+    # 12 kills, each of a worker supervisor runs again; the deadline only guards against a hang.
+    # (It was 60 s with `kills >= 10` asserted: a count of what fits in a time, which a
+    # clean-clone run on a busy machine missed with 5.)
+    deadline = time.monotonic() + 240
+    while kills < 12:
+        assert time.monotonic() < deadline, f"only {kills} kills in 240 s: {pool.statuses()}"
         name = victims[kills % 4] if kills < 4 else rng.choice(victims)
         if pool.statuses().get(name) == "RUNNING":
             pool.kill(name, signal.SIGKILL)
             kills += 1
         time.sleep(0.7)
     finish_load(load, tmp_path)
-    assert kills >= 10
     pool.wait_all_running(timeout=90)
     check_invariants(env, Settings.from_env(env))
 
