@@ -60,7 +60,6 @@ class RetryWorker(BatchWorker):
         self.subscription = []  # the retry family as found at start (start) and since (_refresh_family)
         self._family_checked = time.monotonic()
         self.waiting: dict[Source, deque] = {}  # per source: (message, due_ms, bytes), in offset order
-        self.waiting_bytes = 0
         self.source_bytes: dict[Source, int] = {}  # of waiting, per source: each has an equal share
         self.paused: set[Source] = set()
         self.order_partitions = settings.partitions  # of the orders topic: refreshed as partitions are added
@@ -102,13 +101,12 @@ class RetryWorker(BatchWorker):
     def on_released(self, sources: Set[Source]) -> None:
         for source in sources:
             self.waiting.pop(source, None)
-            self.waiting_bytes -= self.source_bytes.pop(source, 0)
+            self.source_bytes.pop(source, None)
         self.paused -= sources
 
     def on_reassign(self) -> None:
         for queue in self.waiting.values():
             queue.clear()
-        self.waiting_bytes = 0
         self.source_bytes = dict.fromkeys(self.source_bytes, 0)
         # A partition paused before the rewind must fetch again from its new offset.
         if self.paused:
@@ -121,6 +119,10 @@ class RetryWorker(BatchWorker):
         if due is not None:
             timeout = max(0.0, min(timeout, (due - now_ms()) / 1000))
         return self.fetch(timeout)
+
+    @property
+    def waiting_bytes(self) -> int:
+        return sum(self.source_bytes.values())
 
     def heartbeat_extra(self) -> dict:
         # Per source: how many wait and when the first is due (`orders status` shows them per delay level).
@@ -137,7 +139,6 @@ class RetryWorker(BatchWorker):
             size = message_bytes(msg)
             source = source_of(msg)
             self.waiting[source].append((msg, self._due_ms(msg), size))
-            self.waiting_bytes += size
             self.source_bytes[source] += size
         plan = BatchPlan()
         now = now_ms()
@@ -186,7 +187,6 @@ class RetryWorker(BatchWorker):
         now = now_ms()
         while queue and queue[0][1] <= now:
             msg, due, size = queue.popleft()
-            self.waiting_bytes -= size
             self.source_bytes[source] -= size
             if batch is None:
                 batch = plan.batch_for(source, self.known[source])

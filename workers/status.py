@@ -180,8 +180,9 @@ def _retry_levels(settings: Settings, sources: list[Source], ends: list[int | No
         waiting.update(beat.get("waiting_by_source", {}))
     levels: dict[str, dict] = {}
     for src, end in zip(sources, ends, strict=True):
+        delay = retry_delay_of(src.topic)
         level = levels.setdefault(src.topic, {
-            "topic": src.topic, "delay_ms": retry_delay_of(src.topic) if retry_delay_of(src.topic) >= 0 else None,
+            "topic": src.topic, "delay_ms": delay if delay >= 0 else None,
             "current": src.topic in settings.retry_topics, "backlog": 0, "waiting": 0, "next_due_ms": None})
         level["backlog"] += max(0, (end or 0) - (states[src].get("offset") or 0))
         count, due = waiting.get(str(src), (0, None))
