@@ -1,10 +1,11 @@
 """A short nemesis soak with a fixed seed (tests/soak/runner.py): every order counted once or
 dead-lettered once through the schedule's faults, and the counts converged after the last heal.
 
-Not in the default run (pyproject.toml deselects the ``soak`` marker): it takes about
-5 minutes on two otherwise idle cores, 8-10 beside another test run (tests/soak/README.md,
-"The soak in CI"). ``scripts/test tests/soak -m soak`` runs it; it needs root (network
-namespaces).
+In CI's run, not in the lanes': pyproject.toml deselects the ``soak`` marker from the
+lanes' run, and ``scripts/test`` without arguments (the whole suite, what ``.ci/run`` runs)
+runs this test after the lanes have finished, alone on the machine: about 5 minutes on two
+idle cores, 8-10 beside another test run (tests/soak/README.md, "The soak in CI").
+``scripts/test tests/soak -m soak`` runs it alone; it needs root (network namespaces).
 """
 from __future__ import annotations
 
