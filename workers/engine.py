@@ -443,8 +443,11 @@ class BatchWorker:
 
     def _load_state(self, sources: Sequence[Source]) -> None:
         """R and the kept records from Redis, K from Kafka, both checked against today's topics."""
-        ends = self._describe_topics(sources)
+        self._describe_topics(sources)
+        # R before the ends: the partitions' last owner may still be counting (a zombie until it is
+        # fenced, or a hand-over in progress), so an R read after the ends can be past them.
         stored = self.store.positions(sources)
+        ends = self._end_offsets(sources)
         past_end = {s: r for s, r in stored.items() if r is not None and r > ends[s]}
         if not past_end:
             self._past_end_since = None
@@ -476,20 +479,21 @@ class BatchWorker:
         self._past_end_since = None
         return False
 
-    def _describe_topics(self, sources: Sequence[Source]) -> dict[Source, int]:
-        """Learn the topics' ids (and tie Redis's state to them); returns each source's end offset."""
+    def _describe_topics(self, sources: Sequence[Source]) -> None:
+        """Learn the topics' ids and partition counts, and tie Redis's state to them."""
         # Every retry topic, not only today's levels: a source's state is tied to all the topics
         # it may have published to (store.ensure_identity).
         names = [self.settings.orders_topic, *existing_retry_topics(self.admin, self.settings),
                  self.settings.dlq_topic]
         names += sorted({s.topic for s in sources} - set(names))
         described = describe_topics(self.admin, names, timeout=10)
-        found = known_end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in sources])
-        ends = dict(zip(sources, found, strict=True))
         self.topic_ids = {name: str(d.topic_id) for name, d in described.items()}
         self._partitions = {name: len(d.partitions) for name, d in described.items() if name != self.settings.dlq_topic}
         self._ensure_identity(force=False)
-        return ends
+
+    def _end_offsets(self, sources: Sequence[Source]) -> dict[Source, int]:
+        found = known_end_offsets(self.admin, [TopicPartition(s.topic, s.partition) for s in sources])
+        return dict(zip(sources, found, strict=True))
 
     def _ensure_identity(self, force: bool) -> None:
         status, stored = self.store.ensure_identity(self.topic_ids, partitions=self._partitions, force=force,

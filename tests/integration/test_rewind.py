@@ -27,12 +27,12 @@ from ..pool import read_retries, run_orders
 from .conftest import cleanup
 
 
-def make_worker(settings: Settings) -> PartitionWorker:
+def make_worker(settings: Settings, name: str = "partition-0") -> PartitionWorker:
     """Partition 0's worker, built as `orders consume` builds it."""
     return PartitionWorker(
-        settings, "partition-0", partition=0,
-        consumer=make_consumer(settings, settings.group_id("partition-0")),
-        producer=make_producer(settings, transactional_id=settings.transactional_id("partition-0")),
+        settings, name, partition=0,
+        consumer=make_consumer(settings, settings.group_id(name)),
+        producer=make_producer(settings, transactional_id=settings.transactional_id(name)),
         admin=make_admin(settings),
         store=AggregateStore(make_redis(settings), settings.redis_prefix),
         serde=OrderSerde(make_registry(settings), load_schema(settings.schema_path)),
