@@ -1,11 +1,13 @@
 """The soak's report pieces that need no server: per-second rates, the PNG timeline, a log check."""
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 from tests.soak import schedule as s
 from tests.soak import timeline
-from tests.soak.checker import _no_state_wiped
+from tests.soak.checker import _no_state_wiped, _orders_once
+from tests.soak.load import Load
 from tests.soak.sampler import per_second
 
 
@@ -38,3 +40,24 @@ def test_a_worker_that_wiped_the_state_fails_the_check(tmp_path):
     check = _no_state_wiped(hosts)  # type: ignore[arg-type]
     assert not check.ok and "host-b consumer-2" in check.detail and "host-a" not in check.detail
     assert _no_state_wiped({"host-a": hosts["host-a"]}).ok  # type: ignore[dict-item]
+
+
+def message(key: str, partition: int, offset: int) -> SimpleNamespace:
+    return SimpleNamespace(key=lambda: key.encode(), partition=lambda: partition, offset=lambda: offset)
+
+
+def test_a_delivery_reported_without_an_offset_is_found_by_its_order_id(tmp_path):
+    """Seen in a 30-minute soak: librdkafka reported one order delivered with no offset (None)."""
+    orders = [message("a", 5, 0), message("b", 5, 1), message("c", 8, 0), message("c", 8, 7)]
+    records = [{"orderId": "a", "partition": 5, "offset": 0}, {"orderId": "b", "partition": 5, "offset": None},
+               {"orderId": "c", "partition": 8, "offset": 0}]
+    (tmp_path / "delivered-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    load = Load({}, tmp_path, rate=1, seed=1)
+    twice, delivered = _orders_once(orders, load)
+    assert delivered.ok, delivered.detail
+    assert "1 reported without an offset" in delivered.detail
+    assert twice.ok and "'c': ['8@0', '8@7']" in twice.detail  # named for the report, not a pool failure
+
+    (tmp_path / "delivered-1.jsonl").write_text(json.dumps({"orderId": "d", "partition": 5, "offset": None}) + "\n")
+    _, delivered = _orders_once(orders, load)
+    assert not delivered.ok and "'d'" in delivered.detail  # not on its partition: lost
