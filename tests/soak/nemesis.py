@@ -30,6 +30,8 @@ from .load import Load
 from .network import Network
 
 log = logging.getLogger(__name__)
+# The server kind a fault holds from its start to its heal (Nemesis._held).
+HELD_BY = {s.BROKER_KILL: "kafka", s.BROKER_RESTART: "kafka", s.REDIS_KILL: "redis"}
 
 HOST_START_TIMEOUT_S = 120
 # A broker's start after a SIGKILL took up to ~110 s on two busy cores (scripts/stack waits 120 s
@@ -72,6 +74,11 @@ class Nemesis:
     paused: set[int] = field(default_factory=set)
     _threads: list[threading.Thread] = field(default_factory=list)
     _t0: float = 0.0
+    # One fault per server kind from its start to its heal, as the schedule draws them: a heal
+    # slower than drawn (a broker start on busy cores) delays the next fault of its kind
+    # instead of overlapping it (a Redis replica killed while its master is still down).
+    _held: dict[str, threading.Lock] = field(default_factory=lambda: {"kafka": threading.Lock(),
+                                                                      "redis": threading.Lock()})
 
     def start(self, faults: list[s.Fault], t0: float) -> None:
         """Start one thread per fault; each waits for its time."""
@@ -105,6 +112,10 @@ class Nemesis:
             record.outcome, record.detail = "skipped", "aborted before its time"
             return
         action = getattr(self, "_" + fault.kind.replace("-", "_"))
+        held = self._held.get(HELD_BY.get(fault.kind, ""))
+        if held is not None and not self._take(held):
+            record.outcome, record.detail = "skipped", "aborted while the last fault of its kind healed"
+            return
         try:
             record.applied_s = self.now()
             log.info("fault kind=%s target=%s duration_s=%s at_s=%s", fault.kind, fault.target,
@@ -118,9 +129,18 @@ class Nemesis:
             record.outcome, record.detail = "failed", f"{type(exc).__name__}: {exc}"
             log.error("fault failed kind=%s target=%s error=%s", fault.kind, fault.target, record.detail)
         finally:
+            if held is not None:
+                held.release()
             record.healed_s = self.now()
             log.info("fault over kind=%s target=%s outcome=%s at_s=%s", fault.kind, fault.target,
                      record.outcome, record.healed_s)
+
+    def _take(self, held: threading.Lock) -> bool:
+        """Wait until the last fault of this kind has healed; False if the run is aborted meanwhile."""
+        while not held.acquire(timeout=1.0):
+            if self.stop.is_set():
+                return False
+        return True
 
     def _hold(self, record: Applied) -> None:
         """The fault is in effect: keep it for its duration (less if the run is aborted)."""

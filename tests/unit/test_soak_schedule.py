@@ -1,7 +1,11 @@
 """The soak's fault schedule (tests/soak/schedule.py): reproducible from its seed, overlapping, feasible."""
 from __future__ import annotations
 
+import time
+from typing import Any, cast
+
 from tests.soak import schedule as s
+from tests.soak.nemesis import Nemesis
 
 TOPOLOGY = s.Topology(hosts=("host-a", "host-b"), workers=3, retry_workers=1, kafka_nodes=3, redis_nodes=6,
                       session_s=6)
@@ -54,3 +58,28 @@ def test_a_partition_holds_its_host_link_and_excludes_a_host_kill_but_not_worker
 def test_partitions_cut_a_host_from_the_brokers_or_from_redis():
     targets = {f.target for seed in range(3) for f in s.draw(seed, TOPOLOGY, window_s=1800) if f.kind == s.PARTITION}
     assert targets == {f"{h}/{k}" for h in TOPOLOGY.hosts for k in ("kafka", "redis")}
+
+
+def test_the_nemesis_holds_a_server_kind_from_a_faults_start_to_its_heal():
+    """30-minute run 3: a Redis node's start queued behind a slow broker restart, the next Redis
+    fault began meanwhile, and a replica was killed while its master was still down."""
+    spans: dict[str, list[float]] = {}
+
+    class SlowHeals(Nemesis):
+        def _redis_kill(self, fault, wait):
+            spans[fault.target] = [time.monotonic()]
+            wait()
+            time.sleep(0.5)  # a start slower than its fault's duration
+            spans[fault.target].append(time.monotonic())
+
+        def _worker_kill(self, fault, wait):
+            spans[fault.target] = [time.monotonic(), time.monotonic()]
+
+    none = cast(Any, None)
+    nemesis = SlowHeals(bed=none, hosts={}, load=none, settings=none, lane_env={}, network=none)
+    nemesis.start([s.Fault(0.0, s.REDIS_KILL, "redis-0", 0.1), s.Fault(0.2, s.REDIS_KILL, "redis-3", 0.1),
+                   s.Fault(0.2, s.WORKER_KILL, "host-a/consumer:consumer-0", 0.0)], time.monotonic())
+    assert nemesis.join(10)
+    assert [a.outcome for a in nemesis.applied] == ["healed"] * 3
+    assert spans["redis-3"][0] >= spans["redis-0"][1]  # waited for the first Redis fault's heal
+    assert spans["host-a/consumer:consumer-0"][0] < spans["redis-0"][1]  # other kinds do not wait
