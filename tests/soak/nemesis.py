@@ -77,8 +77,8 @@ class Nemesis:
     # One fault per server kind from its start to its heal, as the schedule draws them: a heal
     # slower than drawn (a broker start on busy cores) delays the next fault of its kind
     # instead of overlapping it (a Redis replica killed while its master is still down).
-    _held: dict[str, threading.Lock] = field(default_factory=lambda: {"kafka": threading.Lock(),
-                                                                      "redis": threading.Lock()})
+    _held: dict[str, threading.Lock] = field(
+        default_factory=lambda: {kind: threading.Lock() for kind in set(HELD_BY.values())})
 
     def start(self, faults: list[s.Fault], t0: float) -> None:
         """Start one thread per fault; each waits for its time."""
