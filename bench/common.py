@@ -21,7 +21,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from tests.conftest import isolated_env
 from tests.pool import SupervisedPool
 from workers.clients import make_admin, make_producer, make_redis, make_registry
-from workers.producer import DeliveryTally, produce_orders
+from workers.producer import DeliveryTally, IdempotentSender, produce_orders
 from workers.serde import OrderSerde, load_schema, subject_for
 from workers.settings import Settings
 from workers.store import AggregateStore
@@ -114,8 +114,8 @@ def preproduce(settings: Settings, count: int, seed: int = 1) -> dict[int, int]:
     """Produce ``count`` random orders to the settings' orders topic; returns its end offsets."""
     ensure_topics(make_admin(settings), settings)
     tally = DeliveryTally()
-    sent = produce_orders(make_producer(settings), make_serde(settings), settings.orders_topic, count=count,
-                          rate=0, seed=seed, stop=lambda: False, tally=tally)
+    sender = IdempotentSender(make_producer(settings), settings.orders_topic, tally)
+    sent = produce_orders(sender, make_serde(settings), count=count, rate=0, seed=seed, stop=lambda: False)
     if tally.delivered != sent or sent != count:
         raise RuntimeError(f"pre-produce delivered {tally.delivered} of {count}: {tally.errors}")
     ends = end_offsets(settings)

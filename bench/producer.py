@@ -23,8 +23,8 @@ import time
 import fastavro
 from confluent_kafka import Producer
 
-from workers.clients import make_admin, make_registry, producer_conf
-from workers.producer import DeliveryTally, produce_orders, random_orders
+from workers.clients import make_admin, make_producer, make_registry, producer_conf
+from workers.producer import DeliveryTally, IdempotentSender, Sender, TransactionalSender, produce_orders, random_orders
 from workers.serde import OrderSerde, load_schema
 from workers.settings import Settings
 from workers.topics import ensure_topics
@@ -42,13 +42,20 @@ def _connected_producer(settings: Settings) -> Producer:
     return producer
 
 
-def time_produce_orders(settings: Settings, count: int) -> float:
+def time_produce_orders(settings: Settings, count: int, *, transactional: bool = False) -> float:
+    """``orders produce --rate 0``'s loop; ``transactional``: in transactions (``--transactional``)."""
     serde = make_serde(settings)
-    producer = _connected_producer(settings)
     tally = DeliveryTally()
+    sender: Sender
+    if transactional:
+        transactional_id = settings.transactional_id(f"bench-producer-{time.monotonic_ns()}")
+        sender = TransactionalSender(lambda: make_producer(settings, transactional_id=transactional_id),
+                                     settings.orders_topic, tally, stop=lambda: False)
+        sender.producer.list_topics(settings.orders_topic, timeout=10)
+    else:
+        sender = IdempotentSender(_connected_producer(settings), settings.orders_topic, tally)
     start = time.perf_counter()
-    produce_orders(producer, serde, settings.orders_topic, count=count, rate=0, seed=SEED,
-                   stop=lambda: False, tally=tally)
+    produce_orders(sender, serde, count=count, rate=0, seed=SEED, stop=lambda: False)
     elapsed = time.perf_counter() - start
     if tally.delivered != count:
         raise RuntimeError(f"produce_orders delivered {tally.delivered} of {count}: {tally.errors}")
@@ -119,6 +126,7 @@ def measure_producer(env: dict, count: int) -> dict:
     bare = time_bare(settings, count)
     loop = time_hand_loop(settings, count)
     orders = time_produce_orders(settings, count)
-    log.info("producer count=%d produce_orders_per_s=%.0f hand_loop_per_s=%.0f bare_per_s=%.0f",
-             count, orders, loop, bare)
-    return {"orders_per_s": orders, "loop_per_s": loop, "bare_per_s": bare}
+    in_transactions = time_produce_orders(settings, count, transactional=True)
+    log.info("producer count=%d produce_orders_per_s=%.0f transactional_per_s=%.0f hand_loop_per_s=%.0f "
+             "bare_per_s=%.0f", count, orders, in_transactions, loop, bare)
+    return {"orders_per_s": orders, "transactional_per_s": in_transactions, "loop_per_s": loop, "bare_per_s": bare}

@@ -23,6 +23,8 @@ ROWS: dict[str, tuple[str, str, str | None, Callable[[float], bool] | None]] = {
     "lateness_p99_ms": ("retry lateness p99", "ms", "<= 50 ms", lambda v: v <= 50),
     "lateness_max_ms": ("retry lateness max", "ms", None, None),
     "producer_orders_per_s": ("producer: produce_orders (--rate 0)", "/s", None, None),
+    "txn_producer_orders_per_s": ("producer: produce_orders --transactional (--rate 0)", "/s", None, None),
+    "txn_producer_to_idempotent": ("produce_orders transactional / idempotent", "x", None, None),
     "loop_producer_per_s": ("producer: hand-written loop (make, encode, produce)", "/s", None, None),
     "producer_to_loop": ("produce_orders / hand-written loop", "x", ">= 0.8", lambda v: v >= 0.8),
     "bare_producer_per_s": ("producer: bare, pre-encoded, same config", "/s", None, None),
@@ -82,6 +84,8 @@ def build_report(raw: dict, meta: dict) -> dict:
     if "producer" in raw:
         f.median_of("producer_orders_per_s", [r["orders_per_s"] for r in raw["producer"]])
         f.median_of("bare_producer_per_s", [r["bare_per_s"] for r in raw["producer"]])
+        if all("transactional_per_s" in r for r in raw["producer"]):
+            f.median_of("txn_producer_orders_per_s", [r["transactional_per_s"] for r in raw["producer"]])
         if all("loop_per_s" in r for r in raw["producer"]):
             f.median_of("loop_producer_per_s", [r["loop_per_s"] for r in raw["producer"]])
     if "naive" in raw:
@@ -97,6 +101,7 @@ def build_report(raw: dict, meta: dict) -> dict:
     f.ratio("failures_to_failure_free", "failures_healthy_per_s", "pipeline_orders_per_s", paired=True)
     f.ratio("failures3_to_failure_free", "failures3_healthy_per_s", "pipeline_orders_per_s", paired=True)
     f.ratio("producer_to_loop", "producer_orders_per_s", "loop_producer_per_s", paired=True)
+    f.ratio("txn_producer_to_idempotent", "txn_producer_orders_per_s", "producer_orders_per_s", paired=True)
     f.ratio("producer_to_bare", "producer_orders_per_s", "bare_producer_per_s", paired=True)
     f.ratio("pipeline_to_naive", "pipeline_orders_per_s", "naive_orders_per_s")
     rss = rss_peaks(raw)

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -18,7 +19,15 @@ from .errors import ConfigError, OrdersError, ServiceUnavailable, StopRequested
 from .events import listen
 from .metrics import serve as serve_metrics
 from .partition_worker import PartitionWorker
-from .producer import DeliveryTally, StuckProducerGuard, produce_orders
+from .producer import (
+    DeliveryFailed,
+    DeliveryTally,
+    IdempotentSender,
+    Sender,
+    StuckProducerGuard,
+    TransactionalSender,
+    produce_orders,
+)
 from .retry_worker import RetryWorker
 from .serde import OrderSerde, load_schema
 from .settings import Settings
@@ -91,33 +100,36 @@ def init(settings: Settings) -> None:
               help="Append each delivered order as a JSON line to this file (flushed per line).")
 @click.option("--schema", "schema_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Write with this Avro schema (a compatible evolution of the Order schema).")
+@click.option("--transactional/--idempotent", default=None,
+              help="Write in Kafka transactions: no order twice, even through leader changes; "
+                   "each commit adds a marker per partition. [default: PRODUCE_TRANSACTIONAL, else idempotent]")
 @click.pass_obj
 def produce(settings: Settings, count: int, rate: float | None, seed: int | None, record,
-            schema_path: str | None) -> None:
+            schema_path: str | None, transactional: bool | None) -> None:
     """Produce random orders to the orders topic."""
     stop = StopFlag().install()
     if rate is None:
         rate = 0.0 if count else settings.produce_rate
+    if transactional is None:
+        transactional = settings.produce_transactional
     _bootstrap(settings, stop)
     serde = _serde(settings)
     writer_schema = load_schema(Path(schema_path)) if schema_path else None
     schema_id = wait_for(lambda: serde.register(settings.orders_topic, writer_schema), "schema registry",
                          should_stop=stop)
     log.info("writing with schema id=%d subject=%s-value", schema_id, settings.orders_topic)
-    producer = make_producer(settings)
     # Line-buffered: what the file says was delivered survives a crash of this process.
     record_file = open(record, "a", buffering=1) if record else None
     tally = DeliveryTally(record=record_file)
-    guard = StuckProducerGuard(lambda: make_producer(settings), settings.orders_topic, tally)
-    log.info("producing count=%s rate=%s topic=%s %s", count or "unbounded", rate or "unlimited",
-             settings.orders_topic, describe_servers(settings))
+    sender = _order_sender(settings, tally, transactional, stop)
+    log.info("producing count=%s rate=%s topic=%s mode=%s %s", count or "unbounded", rate or "unlimited",
+             settings.orders_topic, "transactional" if transactional else "idempotent", describe_servers(settings))
     if count and sys.stderr.isatty():
         with click.progressbar(length=count, label="producing", file=sys.stderr) as bar:
-            sent = produce_orders(producer, serde, settings.orders_topic, count=count, rate=rate, seed=seed,
-                                  stop=stop, tally=tally, on_progress=bar.update, guard=guard)
+            sent = produce_orders(sender, serde, count=count, rate=rate, seed=seed, stop=stop,
+                                  on_progress=bar.update)
     else:
-        sent = produce_orders(producer, serde, settings.orders_topic, count=count, rate=rate, seed=seed,
-                              stop=stop, tally=tally, guard=guard)
+        sent = produce_orders(sender, serde, count=count, rate=rate, seed=seed, stop=stop)
     if record_file:
         record_file.close()
     log.info("produce done sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
@@ -125,8 +137,17 @@ def produce(settings: Settings, count: int, rate: float | None, seed: int | None
         raise DeliveryFailed(f"{sent - tally.delivered} of {sent} orders were not delivered: {tally.errors}")
 
 
-class DeliveryFailed(OrdersError):
-    """Some produced orders were not acknowledged by Kafka."""
+def _order_sender(settings: Settings, tally: DeliveryTally, transactional: bool, stop: StopFlag) -> Sender:
+    if not transactional:
+        guard = StuckProducerGuard(lambda: make_producer(settings), settings.orders_topic, tally)
+        return IdempotentSender(make_producer(settings), settings.orders_topic, tally, guard)
+    # One id per process, kept by its replacement producers (which fence their predecessor).
+    # Never shared: two producers with one id would fence each other. A crashed producer's
+    # open transaction holds read_committed readers for up to TRANSACTION_TIMEOUT_MS.
+    transactional_id = settings.transactional_id(f"{settings.host_name}-producer-{uuid.uuid4().hex[:12]}")
+    log.info("transactional id=%s", transactional_id)
+    return TransactionalSender(lambda: make_producer(settings, transactional_id=transactional_id),
+                               settings.orders_topic, tally, stop=stop)
 
 
 def _slot_from_env() -> int:

@@ -1,24 +1,35 @@
 """The order producer: random orders, keyed by orderId, to the ``orders`` topic.
 
-Idempotent producer, batched by librdkafka (``produce`` + ``poll(0)`` per order,
-one ``flush`` at the end): delivery reports are counted, never awaited one by one.
-A producer that librdkafka leaves stuck after a broker restart is replaced
-(``StuckProducerGuard``).
+Two ways to send them, one loop (``produce_orders``):
+
+* ``IdempotentSender`` (the default): librdkafka's idempotent producer, batched by
+  librdkafka (``produce`` + ``poll(0)`` per order, one ``flush`` at the end):
+  delivery reports are counted, never awaited one by one. A producer that
+  librdkafka leaves stuck after a broker restart is replaced (``StuckProducerGuard``).
+* ``TransactionalSender`` (``--transactional``): orders go in Kafka transactions
+  of at most COMMIT_INTERVAL_S. An order is counted (and recorded) delivered only
+  once its transaction committed, and an aborted transaction is sent again on a
+  new producer; so no orderId reaches a ``read_committed`` reader twice, even where
+  the idempotent producer can write one twice (confluentinc/librdkafka#4953).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from .clients import produce_one
+from .errors import FatalWorkerError, OrdersError, StopRequested
 from .serde import OrderSerde
+from .transaction import KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +37,11 @@ PRODUCTS = ("keyboard", "mouse", "monitor", "laptop", "headset", "webcam", "dock
 FLUSH_TIMEOUT_S = 60
 STALL_S = 30.0      # orders waiting, no delivery report this long, and every partition has a leader: stuck
 MAX_REPLACEMENTS = 3  # in a row without a delivery report between them; then librdkafka's timeouts decide
+# Transactions: an open one holds every read_committed worker at its first order, so
+# they are short; each commit writes one marker per partition it touched.
+COMMIT_INTERVAL_S = 0.1
+MAX_BATCH = 50_000     # orders kept for sending again after an abort
+GIVE_UP_S = 300.0      # one batch not committed this long fails the run (librdkafka's default message timeout)
 
 
 _UUID4_BITS = (0x4 << 76) | (0x2 << 62)            # version 4, RFC 4122 variant
@@ -197,7 +213,8 @@ class RateLimiter:
         self._next = time.monotonic()
         self._stop = stop
 
-    def wait(self, producer: Producer) -> None:
+    def wait(self, idle: Callable[[float], None]) -> None:
+        """Wait for the next call's turn, handing the time to ``idle`` (delivery reports, commits)."""
         if not self._interval:
             return
         self._next += self._interval
@@ -205,53 +222,269 @@ class RateLimiter:
             delay = self._next - time.monotonic()
             if delay <= 0:
                 return
-            producer.poll(min(delay, 0.5))  # serve delivery reports while pacing
+            idle(min(delay, 0.5))
 
 
-CHECK_EVERY = 1024  # unpaced orders between looks at stop(), the stuck-producer guard and the progress bar
+class DeliveryFailed(OrdersError):
+    """Some produced orders were not acknowledged (or, in transactions, not committed) by Kafka."""
 
 
-def produce_orders(producer: Producer, serde: OrderSerde, topic: str, *, count: int, rate: float,
-                   seed: int | None, stop: Callable[[], bool], tally: DeliveryTally,
-                   on_progress: Callable[[int], None] = lambda n: None,
-                   guard: StuckProducerGuard | None = None) -> int:
-    """Produce ``count`` orders (0: until ``stop()``); returns how many were handed to the client.
+class Sender(Protocol):
+    """How ``produce_orders`` hands orders to Kafka."""
 
-    With a ``guard``, a producer that librdkafka leaves stuck is replaced on the way.
-    Unpaced (``rate`` 0), the stop flag, the guard and the progress bar are looked
-    at every CHECK_EVERY orders (a few milliseconds), not per order: per order they
-    cost more than encoding it.
+    tally: DeliveryTally
+
+    def send(self, key: bytes, value: bytes, order: dict) -> None: ...
+
+    def tick(self) -> None:
+        """Called every few orders: housekeeping (the stuck-producer guard, a due commit)."""
+
+    def idle(self, seconds: float) -> None:
+        """Nothing to send for ``seconds``: serve delivery reports (and commit when due)."""
+
+    def finish(self, timeout_s: float) -> int:
+        """Deliver what was sent; returns how many orders are left undelivered."""
+
+
+class IdempotentSender:
+    """The idempotent producer: each order is counted delivered on its delivery report."""
+
+    def __init__(self, producer: Producer, topic: str, tally: DeliveryTally, guard: StuckProducerGuard | None = None):
+        self.producer = producer
+        self.tally = tally
+        self._topic = topic
+        self._guard = guard
+        # One bound method for every order unless each delivered order is recorded.
+        self._report = tally.report if tally.record is None else None
+
+    def send(self, key: bytes, value: bytes, order: dict) -> None:
+        produce_one(self.producer, self._topic, key, value, self._report or self.tally.callback(order))
+        self.producer.poll(0)
+
+    def tick(self) -> None:
+        if self._guard is not None:
+            self.producer = self._guard.check(self.producer)
+
+    def idle(self, seconds: float) -> None:
+        self.producer.poll(seconds)
+
+    def finish(self, timeout_s: float) -> int:
+        if self._guard is not None:
+            return self._guard.flush(self.producer, timeout_s)
+        return self.producer.flush(timeout_s)
+
+
+class TransactionalSender:
+    """Orders in Kafka transactions: committed together, or aborted and sent again.
+
+    A transaction is committed every ``commit_interval_s`` (or ``max_batch``
+    orders). Its orders are counted delivered, and written to the record, only once
+    it committed. When it aborts (a delivery failed, a broker went away, the
+    producer was fenced before its commit), its orders go again in a new
+    transaction on a new producer with the same transactional id, whose
+    ``init_transactions`` fences the old one. The new producer also gets out of
+    librdkafka's stuck-leader state (confluentinc/librdkafka#5430), which a
+    transaction meets as its orders timing out (message.timeout.ms is at most
+    transaction.timeout.ms) and so an abort. A commit whose outcome cannot be known
+    (a fatal error once it started) is not sent again: DeliveryFailed says so.
     """
+
+    def __init__(self, make: Callable[[], Producer], topic: str, tally: DeliveryTally, *,
+                 stop: Callable[[], bool], commit_interval_s: float = COMMIT_INTERVAL_S,
+                 max_batch: int = MAX_BATCH, give_up_s: float = GIVE_UP_S, stop_grace_s: float = FLUSH_TIMEOUT_S):
+        self.tally = tally
+        self._make = make
+        self._topic = topic
+        self._stop = stop
+        self._interval = commit_interval_s
+        self._max_batch = max_batch
+        self._give_up_s = give_up_s
+        self._stop_grace_s = stop_grace_s
+        self._deadline = math.inf    # the open batch's: past it, retries end (DeliveryFailed)
+        self._stop_seen = False
+        self._watchdog = Watchdog()  # a librdkafka call that hangs past every deadline ends the process
+        self._batch: list[tuple[bytes, bytes, dict]] = []
+        self._acked: list[tuple[dict, int | None, int | None]] = []  # this transaction's delivery reports
+        self._opened = 0.0
+        self.commits = 0
+        self.replacements = 0
+        self.producer, self._txn = self._start()
+
+    # -- what produce_orders calls ---------------------------------------------------
+    def send(self, key: bytes, value: bytes, order: dict) -> None:
+        if not self._batch:
+            self._open()
+        self._batch.append((key, value, order))
+        try:
+            self._produce(key, value, order)
+        except KafkaException as exc:  # produce refuses once the transaction failed
+            self._resend_after(self._fail_produce, exc)
+
+    def tick(self) -> None:
+        if self._batch and (len(self._batch) >= self._max_batch
+                            or time.monotonic() - self._opened >= self._interval):
+            self.commit()
+
+    def idle(self, seconds: float) -> None:
+        self.producer.poll(min(seconds, self._interval))
+        self.tick()
+
+    def finish(self, timeout_s: float) -> int:
+        self._deadline = min(self._deadline, time.monotonic() + timeout_s)
+        self.commit()
+        return 0
+
+    def commit(self) -> None:
+        """Commit the open transaction; an aborted one is sent again until it commits or time is up."""
+        while self._batch:
+            try:
+                self._txn.commit([], None)
+            except TransactionAborted as exc:
+                self._resend_after(lambda e: None, exc)
+                continue
+            except (FatalWorkerError, StopRequested) as exc:
+                raise DeliveryFailed(f"the commit of {len(self._batch)} orders did not finish ({exc}): "
+                                     "they may or may not be on the topic") from exc
+            self._committed()
+
+    # -- internals -------------------------------------------------------------------
+    def _start(self) -> tuple[Producer, KafkaTransaction]:
+        producer = self._make()
+        txn = KafkaTransaction(producer, stop=self._gave_up, watchdog=self._watchdog,
+                               watchdog_s=self._give_up_s + FLUSH_TIMEOUT_S)
+        try:
+            txn.init()
+        except StopRequested as exc:
+            raise DeliveryFailed(f"no transactional producer in time: {exc}") from exc
+        return producer, txn
+
+    def _open(self) -> None:
+        self._opened = time.monotonic()
+        self._deadline = self._opened + self._give_up_s
+        if self._stop_seen:
+            self._deadline = min(self._deadline, self._opened + self._stop_grace_s)
+        self._txn.begin()
+
+    def _produce(self, key: bytes, value: bytes, order: dict) -> None:
+        # No delivery callback unless deliveries are recorded: the commit says they all arrived.
+        on_delivery = self._record(order) if self.tally.record is not None else None
+        while True:
+            try:
+                self.producer.produce(self._topic, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:
+                self.producer.poll(0.1)  # local queue full: let deliveries drain
+        self.producer.poll(0)
+
+    def _record(self, order: dict) -> Callable[[KafkaError | None, Message], None]:
+        acked = self._acked  # this transaction's list: reports of an aborted one land in a dropped list
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                acked.append((order, msg.partition(), msg.offset()))
+        return on_delivery
+
+    def _fail_produce(self, exc: BaseException) -> None:
+        assert isinstance(exc, KafkaException)
+        self._txn.produce_failed(exc)
+
+    def _resend_after(self, fail: Callable[[BaseException], None], exc: BaseException) -> None:
+        """The open transaction failed (``fail(exc)`` aborts it, or says it is fatal): send its orders again."""
+        reason: BaseException = exc
+        with contextlib.suppress(TransactionAborted, FatalWorkerError):
+            fail(exc)
+        while True:
+            if self._gave_up():
+                raise DeliveryFailed(f"{len(self._batch)} orders not committed in {self._give_up_s:.0f} s "
+                                     f"or by the stop's deadline: {reason}") from exc
+            log.warning("transaction failed orders=%d action=resend_on_new_producer reason=%s",
+                        len(self._batch), reason)
+            self._replace()
+            try:
+                self._txn.begin()
+                for key, value, order in self._batch:
+                    self._produce(key, value, order)
+                return
+            except KafkaException as again:
+                reason = again
+                with contextlib.suppress(TransactionAborted, FatalWorkerError):
+                    self._txn.produce_failed(again)
+            except FatalWorkerError as again:
+                reason = again
+
+    def _replace(self) -> None:
+        old = self.producer
+        with contextlib.suppress(KafkaException):  # a failed producer may refuse even this
+            old.purge(in_queue=True, in_flight=True)
+            old.poll(0)
+        self._acked = []
+        self.producer, self._txn = self._start()  # same transactional id: fences the old producer
+        self.replacements += 1
+
+    def _committed(self) -> None:
+        self.tally.delivered += len(self._batch)
+        record = self.tally.record
+        if record is not None:
+            record.write("".join(json.dumps({**order, "partition": partition, "offset": offset}) + "\n"
+                                 for order, partition, offset in self._acked))
+        self._batch, self._acked = [], []
+        self._deadline = math.inf
+        self.commits += 1
+
+    def _gave_up(self) -> bool:
+        """Time is up for the open batch: GIVE_UP_S, or the grace a stop request leaves."""
+        now = time.monotonic()
+        if not self._stop_seen and self._stop():
+            self._stop_seen = True
+            self._deadline = min(self._deadline, now + self._stop_grace_s)
+        return now > self._deadline
+
+
+CHECK_EVERY = 1024  # unpaced orders between looks at stop(), the sender's housekeeping and the progress bar
+
+
+def produce_orders(sender: Sender, serde: OrderSerde, *, count: int, rate: float, seed: int | None,
+                   stop: Callable[[], bool], on_progress: Callable[[int], None] = lambda n: None) -> int:
+    """Produce ``count`` orders (0: until ``stop()``); returns how many were handed to the sender.
+
+    Unpaced (``rate`` 0), the stop flag, the sender's housekeeping and the progress
+    bar are looked at every CHECK_EVERY orders (a few milliseconds), not per order:
+    per order they cost more than encoding it. Orders the sender could not deliver
+    are counted in its tally's ``failed``, with the reason in its ``errors``.
+    """
+    tally = sender.tally
     limiter = RateLimiter(rate, stop)
     every = 1 if rate > 0 else CHECK_EVERY
     encode = serde.encode
-    # One bound method for every order unless each delivered order is recorded.
-    report = tally.report if tally.record is None else None
+    send = sender.send
     sent = unreported = 0
-    for order in random_orders(seed):
-        if count and sent >= count:
-            break
-        if sent % every == 0:
-            if stop():
+    try:
+        for order in random_orders(seed):
+            if count and sent >= count:
                 break
-            if guard is not None:
-                producer = guard.check(producer)
-            if unreported:
-                on_progress(unreported)
-                unreported = 0
-            if rate > 0:
-                limiter.wait(producer)
+            if sent % every == 0:
                 if stop():
                     break
-        produce_one(producer, topic, order["orderId"].encode(), encode(order), report or tally.callback(order))
-        producer.poll(0)
-        sent += 1
-        unreported += 1
-        if sent % 100000 == 0:
-            log.info("produced sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
-    if unreported:
-        on_progress(unreported)
-    remaining = guard.flush(producer, FLUSH_TIMEOUT_S) if guard else producer.flush(FLUSH_TIMEOUT_S)
-    if remaining:
-        log.error("flush timed out undelivered=%d", remaining)
+                sender.tick()
+                if unreported:
+                    on_progress(unreported)
+                    unreported = 0
+                if rate > 0:
+                    limiter.wait(sender.idle)
+                    if stop():
+                        break
+            send(order["orderId"].encode(), encode(order), order)
+            sent += 1
+            unreported += 1
+            if sent % 100000 == 0:
+                log.info("produced sent=%d delivered=%d failed=%d", sent, tally.delivered, tally.failed)
+        if unreported:
+            on_progress(unreported)
+        remaining = sender.finish(FLUSH_TIMEOUT_S)
+        if remaining:
+            log.error("flush timed out undelivered=%d", remaining)
+    except (DeliveryFailed, FatalWorkerError, StopRequested) as exc:
+        log.error("produce failed undelivered=%d reason=%s", sent - tally.delivered - tally.failed, exc)
+        tally.failed = sent - tally.delivered
+        tally.errors.append(str(exc))
     return sent

@@ -123,6 +123,8 @@ class Settings:
     transaction_timeout_ms: int = 10000
 
     produce_rate: float = 20.0
+    # `orders produce` in Kafka transactions (--transactional) unless told otherwise.
+    produce_transactional: bool = False
     # `orders metrics`: the Prometheus endpoint of this host's pool. Loopback by default:
     # a Prometheus on another machine needs METRICS_BIND (or a local agent) to reach it.
     metrics_port: int = 9464
@@ -308,6 +310,7 @@ _ENV_VARS: dict[str, tuple[str, Callable[[str], object]]] = {
     "retry_buffer_bytes": ("RETRY_BUFFER_BYTES", int),
     "max_price": ("ORDERS_MAX_PRICE", float),
     "produce_rate": ("PRODUCE_RATE", float),
+    "produce_transactional": ("PRODUCE_TRANSACTIONAL", _boolean),
     "metrics_port": ("METRICS_PORT", int),
     "metrics_bind": ("METRICS_BIND", str),
     "schema_path": ("ORDER_SCHEMA_PATH", Path),

@@ -165,12 +165,23 @@ class KafkaTransaction:
             try:
                 yield
             except KafkaException as exc:
-                err = exc.args[0]
-                if err.fatal() or err.code() == KafkaError._FATAL:
-                    self._failed("produce", err, exc)
-                log.warning("produce into the transaction failed action=abort reason=%s", err.str())
-                self.abort()
-                raise TransactionAborted(f"produce: {err.str()}") from exc
+                self.produce_failed(exc)
+
+    def begin(self) -> None:
+        """Begin a transaction if none is open (for callers that produce outside ``producing``)."""
+        self._begin()
+
+    def produce_failed(self, exc: KafkaException) -> NoReturn:
+        """``produce`` raised ``exc`` inside the open transaction: end the worker or abort.
+
+        Raises FatalWorkerError for a fatal error, else aborts and raises TransactionAborted.
+        """
+        err = exc.args[0]
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            self._failed("produce", err, exc)
+        log.warning("produce into the transaction failed action=abort reason=%s", err.str())
+        self.abort()
+        raise TransactionAborted(f"produce: {err.str()}") from exc
 
     def commit(self, offsets: list[TopicPartition], group_metadata: Any) -> list[TopicPartition]:
         """Commit the open transaction with ``offsets``; returns the offsets it committed.

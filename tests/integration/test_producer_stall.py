@@ -20,7 +20,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import NewTopic
 
 from workers.clients import make_admin, make_producer, make_registry, producer_conf
-from workers.producer import DeliveryTally, StuckProducerGuard, produce_orders
+from workers.producer import DeliveryTally, IdempotentSender, StuckProducerGuard, produce_orders
 from workers.serde import OrderSerde, load_schema
 from workers.settings import Settings
 
@@ -45,7 +45,8 @@ def test_a_stuck_producer_is_replaced_and_every_order_delivered_once(settings: S
             try:
                 stuck = Producer({**producer_conf(settings), "linger.ms": 240_000})  # sends nothing for 4 min
                 # Until the replacement has delivered some: a final flush would send regardless of linger.
-                sent.append(produce_orders(stuck, serde, topic, count=0, rate=200, seed=1, tally=tally, guard=guard,
+                sender = IdempotentSender(stuck, topic, tally, guard)
+                sent.append(produce_orders(sender, serde, count=0, rate=200, seed=1,
                                            stop=lambda: guard.replacements > 0 and tally.delivered >= 100))
             except BaseException as exc:  # shown by the assertion below
                 failures.append(exc)

@@ -25,4 +25,15 @@ def test_ids_are_unique_across_runs_even_with_the_same_seed():
 
 def test_unlimited_rate_never_waits():
     limiter = RateLimiter(0, stop=lambda: False)
-    limiter.wait(producer=None)  # type: ignore[arg-type]  # would fail calling poll() on None if it waited
+    waited: list[float] = []
+    for _ in range(1000):
+        limiter.wait(waited.append)
+    assert waited == []
+
+
+def test_a_paced_wait_hands_its_time_to_idle():
+    limiter = RateLimiter(20, stop=lambda: False)
+    waited: list[float] = []
+    for _ in range(3):
+        limiter.wait(waited.append)
+    assert waited and all(0 < w <= 0.5 for w in waited)
