@@ -1,7 +1,9 @@
-"""The soak's steady load: one unbounded ``orders produce``, which the nemesis may crash and restart.
+"""The soak's steady load: one unbounded ``orders produce --transactional``, which the nemesis may crash and restart.
 
-Each incarnation records every order Kafka acknowledged (``--record``), one file
-each, so the checker can tell that every delivered order is on the topic once.
+Each incarnation records every order whose transaction committed (``--record``), one
+file each, so the checker can tell that every delivered order is on the topic once.
+In transactions no order reaches the topic twice (the idempotent producer could
+write one twice during a leader change: bug 6 of the soak's README).
 """
 from __future__ import annotations
 
@@ -40,14 +42,15 @@ class Load:
             n = self.incarnations
             self.incarnations += 1
             # Another product/price sequence per incarnation; order ids are unique anyway.
-            args = [ORDERS, "produce", "--count", "0", "--rate", str(self.rate), "--seed", str(self.seed + n),
+            args = [ORDERS, "produce", "--transactional", "--count", "0", "--rate", str(self.rate),
+                    "--seed", str(self.seed + n),
                     "--record", str(self.folder / f"delivered-{n}.jsonl")]
             with open(self.folder / f"load-{n}.log", "ab") as out:
                 self.proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=out)
             log.info("load started incarnation=%d pid=%d rate=%d", n, self.proc.pid, self.rate)
 
     def crash(self) -> None:
-        """SIGKILL the producer: what it had not flushed is lost, what it recorded was delivered."""
+        """SIGKILL the producer: its open transaction aborts, what it recorded was committed."""
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 return
@@ -57,7 +60,7 @@ class Load:
             log.info("load crashed pid=%d", self.proc.pid)
 
     def stop(self) -> int | None:
-        """SIGTERM: it flushes and exits 0 if every order it sent was delivered; its exit code."""
+        """SIGTERM: it commits what it holds and exits 0 if every order it sent was committed; its exit code."""
         with self.lock:
             if self.proc is None:
                 return None

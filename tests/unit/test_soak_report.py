@@ -56,7 +56,7 @@ def test_a_delivery_reported_without_an_offset_is_found_by_its_order_id(tmp_path
     twice, delivered = _orders_once(orders, load)
     assert delivered.ok, delivered.detail
     assert "1 reported without an offset" in delivered.detail
-    assert twice.ok and "'c': ['8@0', '8@7']" in twice.detail  # named for the report, not a pool failure
+    assert not twice.ok and "'c': ['8@0', '8@7']" in twice.detail  # a transactional load never writes one twice
 
     (tmp_path / "delivered-1.jsonl").write_text(json.dumps({"orderId": "d", "partition": 5, "offset": None}) + "\n")
     _, delivered = _orders_once(orders, load)
