@@ -97,7 +97,8 @@ def init(settings: Settings) -> None:
               help="Orders per second; 0 is unlimited. [default: PRODUCE_RATE, or unlimited with --count]")
 @click.option("--seed", type=int, default=None, help="Seed for products and prices (ids stay unique).")
 @click.option("--record", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Append each delivered order as a JSON line to this file (flushed per line).")
+              help="Append each delivered order as a JSON line to this file (flushed per line; "
+                   "with --transactional, once its transaction committed).")
 @click.option("--schema", "schema_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Write with this Avro schema (a compatible evolution of the Order schema).")
 @click.option("--transactional/--idempotent", default=None,

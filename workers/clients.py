@@ -81,7 +81,7 @@ def make_producer(settings: Settings, *, transactional_id: str | None = None, **
     return _build(Producer, producer_conf(settings, transactional_id=transactional_id, **explicit), "producer")
 
 
-def produce_one(producer: Producer, topic: str, key: bytes | None, value: bytes | None, on_delivery: Callable,
+def produce_one(producer: Producer, topic: str, key: bytes | None, value: bytes | None, on_delivery: Callable | None,
                 *, headers: list | None = None, partition: int = -1) -> None:
     """Hand one message to the client, waiting for room in its queue when it is full."""
     while True:

@@ -367,13 +367,8 @@ class TransactionalSender:
 
     def _produce(self, key: bytes, value: bytes, order: dict) -> None:
         # No delivery callback unless deliveries are recorded: the commit says they all arrived.
-        on_delivery = self._record(order) if self.tally.record is not None else None
-        while True:
-            try:
-                self.producer.produce(self._topic, key=key, value=value, on_delivery=on_delivery)
-                break
-            except BufferError:
-                self.producer.poll(0.1)  # local queue full: let deliveries drain
+        produce_one(self.producer, self._topic, key, value,
+                    self._record(order) if self.tally.record is not None else None)
         self.producer.poll(0)
 
     def _record(self, order: dict) -> Callable[[KafkaError | None, Message], None]:
