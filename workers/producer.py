@@ -29,7 +29,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from .clients import produce_one
 from .errors import FatalWorkerError, OrdersError, StopRequested
 from .serde import OrderSerde
-from .transaction import KafkaTransaction, TransactionAborted, Watchdog
+from .transaction import AbortFailed, Fenced, KafkaTransaction, TransactionAborted, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +285,12 @@ class TransactionalSender:
     ``init_transactions`` fences the old one. The new producer also gets out of
     librdkafka's stuck-leader state (confluentinc/librdkafka#5430), which a
     transaction meets as its orders timing out (message.timeout.ms is at most
-    transaction.timeout.ms) and so an abort. A commit whose outcome cannot be known
-    (a fatal error once it started) is not sent again: DeliveryFailed says so.
+    transaction.timeout.ms) and so an abort. A transaction that could not commit
+    and whose abort then failed, or whose commit was refused as fenced (the
+    coordinator had expired it while this process was paused; no other process
+    uses its id), is sent again the same way. A commit whose outcome cannot be
+    known (any other fatal error once it started) is not sent again: DeliveryFailed
+    says so.
     """
 
     def __init__(self, make: Callable[[], Producer], topic: str, tally: DeliveryTally, *,
@@ -339,7 +343,9 @@ class TransactionalSender:
         while self._batch:
             try:
                 self._txn.commit([], None)
-            except TransactionAborted as exc:
+            # Not committed: aborted; or it could not commit and its abort failed; or fenced, which
+            # for this process's own id means the coordinator expired it (see Fenced).
+            except (TransactionAborted, AbortFailed, Fenced) as exc:
                 self._resend_after(lambda e: None, exc)
                 continue
             except (FatalWorkerError, StopRequested) as exc:

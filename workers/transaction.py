@@ -45,6 +45,9 @@ RETRY_DELAY_S = 0.5           # first pause between retries of one call, doublin
 RETRY_DELAY_MAX_S = 4.0
 
 
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+
+
 class State(enum.Enum):
     IDLE = "idle"              # no transaction open
     OPEN = "open"              # begun; messages and offsets may join it
@@ -72,6 +75,27 @@ def classify(err: KafkaError) -> Action:
 
 class TransactionAborted(OrdersError):
     """The transaction could not commit and was aborted: its messages and offsets are gone."""
+
+
+class AbortFailed(FatalWorkerError):
+    """A transaction that could not commit (an abortable error) could not be aborted either.
+
+    The producer is unusable, but the transaction is known not to have committed:
+    the broker aborts it (it timed out, or the next producer with its id fences it).
+    Seen when the coordinator expired a transaction first (its producer paused past
+    transaction.timeout.ms): the abort then fails as fenced.
+    """
+
+
+class Fenced(FatalWorkerError):
+    """The broker refused this producer's epoch (fenced): it cannot be used again.
+
+    Either another producer with the same transactional id started (its
+    init_transactions first lets a commit already accepted finish), or the
+    coordinator expired the open transaction (open past transaction.timeout.ms,
+    say while this process was paused) and aborted it. A producer whose id no
+    other process uses knows it is the second: its open transaction did not commit.
+    """
 
 
 class _AbortRequired(Exception):
@@ -211,7 +235,10 @@ class KafkaTransaction:
         except _AbortRequired as exc:
             log.warning("transaction commit failed action=abort reason=%s", exc)
             self.state = State.ABORTING  # legal after an abortable error, also from a commit
-            self.abort()
+            try:
+                self.abort()
+            except FatalWorkerError as failed:
+                raise AbortFailed(f"{exc}; {failed}") from failed
             raise TransactionAborted(str(exc)) from exc
         committed = self._offsets
         self._ended()
@@ -279,4 +306,6 @@ class KafkaTransaction:
 
     def _failed(self, what: str, err: KafkaError, exc: KafkaException) -> NoReturn:
         self.state = State.FAILED
+        if err.code() in _FENCED:
+            raise Fenced(f"{what} failed, fenced: {err.str()}") from exc
         raise FatalWorkerError(f"{what} failed fatally: {err.str()}") from exc

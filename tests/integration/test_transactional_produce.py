@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,16 +40,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 MESSAGE_TIMEOUT_MS = 5000  # librdkafka's default is 300 s: the scenario is the same, the pause shorter
 PAUSE_S = 8                # longer than the message timeout, shorter than the broker's session (9 s)
+TRANSACTION_TIMEOUT_MS = 4000
+PRODUCER_PAUSE_S = 9       # past the transaction timeout and the broker's 1 s check for expired ones
 RATE = 2000
 
 
-@pytest.fixture
-def env():
+def produce_env(name: str, **extra: str) -> dict[str, str]:
     # PRODUCE_TRANSACTIONAL rather than --transactional: the code before it ignored the variable,
-    # so this same test ran there, in the idempotent mode, and failed.
-    env = isolated_env("txnproduce", PRODUCE_TRANSACTIONAL="1", KAFKA_MESSAGE_TIMEOUT_MS=str(MESSAGE_TIMEOUT_MS))
-    yield env
-    cleanup(Settings.from_env(env))
+    # so the first test ran there, in the idempotent mode, and failed.
+    return isolated_env(name, PRODUCE_TRANSACTIONAL="1", **extra)
 
 
 def lane_broker_pid() -> int:
@@ -79,24 +79,32 @@ def wait_for_broker(settings: Settings) -> None:
     wait_until(leads, "the broker leads the orders topic again", timeout=60)
 
 
-def test_a_broker_paused_past_the_message_timeout_leaves_every_order_on_the_topic_once(env, tmp_path):
+def running(producer: subprocess.Popen, log_path: Path) -> bool:
+    """True while it runs; an exit before it was asked to stop fails the test at once, with its last words."""
+    status = producer.poll()
+    if status is not None:
+        raise AssertionError(f"orders produce exited {status}: "
+                             f"{log_path.read_text(errors='replace').splitlines()[-2:]}")
+    return True
+
+
+def produce_through(env: dict, tmp_path: Path, pause: Callable[[subprocess.Popen], None]) -> None:
+    """`orders produce` at RATE; ``pause`` once 1,000 orders are recorded; stopped once it delivers again.
+
+    Then what it recorded must be exactly what is on the topic, each order once, and it exits 0.
+    """
     settings = Settings.from_env(env)
     record = tmp_path / "delivered.jsonl"
     log_path = tmp_path / "produce.log"
     with open(log_path, "ab") as log_file:
         producer = subprocess.Popen([ORDERS, "produce", "--count", "0", "--rate", str(RATE), "--record", str(record)],
                                     env={**env, "PATH": "/usr/bin:/bin"}, stdout=log_file, stderr=log_file)
-    broker = lane_broker_pid()
     try:
-        wait_until(lambda: producer.poll() is None and len(recorded(record)) >= 1000,
+        wait_until(lambda: running(producer, log_path) and len(recorded(record)) >= 1000,
                    "the producer reported 1,000 deliveries", timeout=90, interval=0.2)
-        os.kill(broker, signal.SIGSTOP)
-        try:
-            time.sleep(PAUSE_S)  # the fault's length, not a wait for a condition
-        finally:
-            os.kill(broker, signal.SIGCONT)
+        pause(producer)
         before = len(recorded(record))
-        wait_until(lambda: producer.poll() is None and len(recorded(record)) >= before + 2 * RATE,
+        wait_until(lambda: running(producer, log_path) and len(recorded(record)) >= before + 2 * RATE,
                    "the producer delivers again after the pause", timeout=90, interval=0.2)
         producer.send_signal(signal.SIGTERM)
         status = producer.wait(90)
@@ -116,3 +124,36 @@ def test_a_broker_paused_past_the_message_timeout_leaves_every_order_on_the_topi
     log_text = log_path.read_text(errors="replace")
     assert status == 0, f"orders produce exited {status}: {log_text.splitlines()[-3:]}"
     assert len(reported) > before
+
+
+def paused(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)  # the fault's length, not a wait for a condition
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_broker_paused_past_the_message_timeout_leaves_every_order_on_the_topic_once(tmp_path):
+    env = produce_env("txnproduce", KAFKA_MESSAGE_TIMEOUT_MS=str(MESSAGE_TIMEOUT_MS))
+    try:
+        broker = lane_broker_pid()
+        produce_through(env, tmp_path, lambda producer: paused(broker, PAUSE_S))
+    finally:
+        cleanup(Settings.from_env(env))
+
+
+def test_a_producer_paused_past_its_transaction_timeout_sends_that_transaction_again(tmp_path):
+    """Soak run 8 (bug 9): the coordinator expired the paused producer's open transaction.
+
+    On its return its orders timed out (abortable) and the abort was refused as fenced
+    (run 8, and this test on the old code), or the commit itself was refused as fenced
+    (this test, once the first was fixed). The producer took either for a commit of
+    unknown outcome and exited 1 with the transaction's orders undelivered, though an
+    expired transaction is aborted and no other process uses the producer's id.
+    """
+    env = produce_env("txnpause", TRANSACTION_TIMEOUT_MS=str(TRANSACTION_TIMEOUT_MS))
+    try:
+        produce_through(env, tmp_path, lambda producer: paused(producer.pid, PRODUCER_PAUSE_S))
+    finally:
+        cleanup(Settings.from_env(env))
