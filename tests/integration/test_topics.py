@@ -21,7 +21,13 @@ def test_bootstrap_creates_topics_once(settings):
     delays = [settings.retry_delay_ms(n) for n in (1, 2, 3)]
     assert settings.retry_topics == [f"{settings.retry_topic}-{ms}ms" for ms in delays] and len(set(delays)) == 3
     assert sorted(created) == sorted([settings.orders_topic, *settings.retry_topics, settings.dlq_topic])
-    counts = partition_counts(admin)
+    # A created topic reaches the broker's metadata a moment after CreateTopics returns (a clean-clone
+    # CI run read the counts at once and found the orders topic missing).
+    def all_created() -> dict[str, int] | None:
+        counts = partition_counts(admin)
+        return counts if set(created) <= set(counts) else None
+
+    counts = wait_until(all_created, "the created topics are in the metadata")
     assert counts[settings.orders_topic] == 3
     assert all(counts[topic] == 3 for topic in settings.retry_topics)
     assert counts[settings.dlq_topic] == 1
