@@ -310,8 +310,6 @@ class TransactionalSender:
         self._batch: list[tuple[bytes, bytes, dict]] = []
         self._acked: list[tuple[dict, int | None, int | None]] = []  # this transaction's delivery reports
         self._opened = 0.0
-        self.commits = 0
-        self.replacements = 0
         self.producer, self._txn = self._start()
 
     # -- what produce_orders calls ---------------------------------------------------
@@ -420,7 +418,6 @@ class TransactionalSender:
             old.poll(0)
         self._acked = []
         self.producer, self._txn = self._start()  # same transactional id: fences the old producer
-        self.replacements += 1
 
     def _committed(self) -> None:
         self.tally.delivered += len(self._batch)
@@ -430,7 +427,6 @@ class TransactionalSender:
                                  for order, partition, offset in self._acked))
         self._batch, self._acked = [], []
         self._deadline = math.inf
-        self.commits += 1
 
     def _gave_up(self) -> bool:
         """Time is up for the open batch: GIVE_UP_S, or the grace a stop request leaves."""
